@@ -1,0 +1,249 @@
+"""The `ideogram-sync` command line: parse arguments, run a command, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from sync import __version__
+from sync.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, SyncError
+from sync.redact import RedactingFilter, redact
+
+log = logging.getLogger("sync")
+
+EXIT_INTERRUPTED = 130
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", self.converter(record.created))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with every command and option."""
+    parser = argparse.ArgumentParser(
+        prog="ideogram-sync",
+        description="Keep a SQL table of your Ideogram datasets current, recording every run.",
+        epilog="Exit codes: 0 success, 1 run failed, 2 usage or configuration error, "
+        "3 the API rejected the key. Docs: README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: $IDEOGRAM_SYNC_CONFIG, else ./ideogram-sync.toml)",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="SQLAlchemy database URL; overrides [database] url and $IDEOGRAM_SYNC_DATABASE_URL",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="INFO",
+        type=str.upper,
+        help="log level for messages on stderr (default: INFO)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks on errors (and DEBUG logs)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="sync the datasets once, then exit (for cron)")
+    run.add_argument(
+        "--input",
+        metavar="FILE",
+        help="sync from a saved GET /datasets response body instead of the API ('-' for stdin)",
+    )
+    run.add_argument(
+        "--no-migrate",
+        dest="migrate",
+        action="store_false",
+        help="do not apply pending migrations; exit 2 if the database is behind",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    status = commands.add_parser("status", help="show the last runs of each account")
+    status.add_argument(
+        "--limit",
+        type=int,
+        default=5,
+        metavar="N",
+        help="runs to show per account (default: 5)",
+    )
+    status.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def configure_logging(level: str, verbose: bool) -> None:
+    """Send log records to stderr, one line each, UTC timestamps, secrets masked."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_ideogram_sync", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._ideogram_sync = True  # type: ignore[attr-defined]
+    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else getattr(logging, level))
+    # Library chatter stays out unless asked for; urllib3's retry warnings are kept.
+    for noisy in ("alembic", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ideogram-sync` and `python -m sync`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.verbose)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except SyncError as exc:
+        log.error("%s failed: %s", args.command, exc, exc_info=args.verbose)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("%s interrupted", args.command)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        log.error(
+            "%s failed with an unexpected error: %s: %s (rerun with -v for the traceback, "
+            "and please report it)",
+            args.command,
+            type(exc).__name__,
+            redact(str(exc)),
+            exc_info=args.verbose,
+        )
+        return EXIT_FAILED
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sync.config import load_settings
+
+    return load_settings(args.config, database_url=args.database_url)
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --input {path}: {exc.strerror}") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sync.db import make_engine
+    from sync.job import prepare_database, sync_account
+
+    settings = _settings(args)
+    body = _read_input(args.input) if args.input else None
+    engine = make_engine(settings.database.url)
+    try:
+        prepare_database(engine, settings.database.url, args.migrate)
+        sync_account(settings, engine, body=body)
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sync.db import database_error, make_engine, migrate
+
+    settings = _settings(args)
+    engine = make_engine(settings.database.url)
+    try:
+        before, after = migrate(engine)
+    except SQLAlchemyError as exc:
+        raise database_error(exc, settings.database.url, "migrating") from exc
+    finally:
+        engine.dispose()
+    if before == after:
+        log.info("database is up to date (migration %s)", after)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sync.db import current_revision, database_error, make_engine
+    from sync.runs import latest_runs
+
+    if args.limit < 1:
+        raise ConfigError("--limit must be 1 or more")
+    settings = _settings(args)
+    engine = make_engine(settings.database.url)
+    try:
+        if current_revision(engine) is None:
+            print("no runs recorded yet: the database has no ideogram-sync tables")
+            return EXIT_FAILED
+        rows = latest_runs(engine, args.limit)
+    except SQLAlchemyError as exc:
+        raise database_error(exc, settings.database.url, "reading sync_runs") from exc
+    finally:
+        engine.dispose()
+    if not rows:
+        print("no runs recorded yet")
+        return EXIT_FAILED
+    print(_format_table(rows))
+    newest: dict[str, str] = {}
+    for row in rows:
+        newest.setdefault(row.account, row.status)
+    return EXIT_OK if all(status == "success" for status in newest.values()) else EXIT_FAILED
+
+
+def _format_table(rows: Sequence) -> str:  # type: ignore[type-arg]
+    headers = (
+        "ACCOUNT", "RUN", "STARTED (UTC)", "DURATION", "STATUS",
+        "SEEN", "INS", "UPD", "SAME", "DEL", "REJ", "ERROR",
+    )  # fmt: skip
+    table = [headers]
+    for r in rows:
+        duration = r.duration_seconds
+        table.append(
+            (
+                r.account,
+                str(r.id),
+                _when(r.started_at),
+                "-" if duration is None else f"{duration:.1f}s",
+                r.status,
+                str(r.datasets_seen),
+                str(r.inserted),
+                str(r.updated),
+                str(r.unchanged),
+                str(r.deleted),
+                str(r.rejected),
+                _clip(r.error or "", 100),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def _when(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

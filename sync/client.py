@@ -1,0 +1,175 @@
+"""The Ideogram API client: one retrying HTTP session and `fetch_datasets`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from sync import __version__
+from sync.config import ApiSettings
+from sync.errors import ApiError, AuthError, ResponseError
+
+log = logging.getLogger(__name__)
+
+DATASETS_PATH = "/datasets"
+USER_AGENT = f"ideogram-dataset-sync/{__version__} (+python-requests/{requests.__version__})"
+# Transient answers worth another try; 4xx other than 429 will not change on retry.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CHUNK = 64 * 1024
+
+
+def make_session(api: ApiSettings, api_key: str) -> requests.Session:
+    """A Session with the key, a User-Agent and urllib3 retries (backoff, Retry-After)."""
+    retry = Retry(
+        total=api.max_retries,
+        connect=api.max_retries,
+        read=api.max_retries,
+        status=api.max_retries,
+        other=0,
+        allowed_methods=frozenset({"GET"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=api.backoff_factor,
+        respect_retry_after_header=True,
+        # Hand back the last response when retries run out, so we can name its status.
+        raise_on_status=False,
+    )
+    adapter = HTTPAdapter(max_retries=retry)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update(
+        {"Api-Key": api_key, "User-Agent": USER_AGENT, "Accept": "application/json"}
+    )
+    return session
+
+
+def fetch_datasets(session: requests.Session, api: ApiSettings) -> bytes:
+    """GET /datasets and return the raw 200 body; raise ApiError/AuthError/ResponseError."""
+    url = api.base_url + DATASETS_PATH
+    attempts = f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
+    try:
+        # No redirects: requests would resend our custom Api-Key header to any host.
+        response = session.get(
+            url,
+            timeout=(api.timeout_seconds, api.timeout_seconds),
+            allow_redirects=False,
+            stream=True,
+        )
+    except requests.exceptions.Timeout:
+        raise ApiError(
+            f"the Ideogram API at {url} did not answer within {api.timeout_seconds:g}s "
+            f"({attempts}); check the network or raise api.timeout_seconds"
+        ) from None
+    except requests.exceptions.RequestException as exc:
+        raise ApiError(
+            f"cannot reach the Ideogram API at {url} ({attempts}): {_reason(exc)}; "
+            "check the network and api.base_url"
+        ) from None
+    with response:
+        _check_status(response, url, attempts)
+        body = _read_body(response, api.max_response_bytes, url)
+    content_type = response.headers.get("Content-Type", "")
+    if content_type and "json" not in content_type.lower():
+        raise ResponseError(
+            f"the Ideogram API at {url} answered 200 with {content_type.split(';')[0]} "
+            "instead of JSON; check api.base_url (a proxy or login page may be in the way)"
+        )
+    return body
+
+
+def _check_status(response: requests.Response, url: str, attempts: str) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    label = _status_label(status)
+    detail = _error_detail(response)
+    if status in (401, 403):
+        raise AuthError(
+            f"the Ideogram API rejected the key ({label}{detail}); check that the API key "
+            "variable (default IDEOGRAM_API_KEY) holds a valid, active key"
+        )
+    if 300 <= status < 400:
+        location = response.headers.get("Location", "?")
+        raise ApiError(
+            f"the Ideogram API at {url} redirected ({label}) to {location}; "
+            "set api.base_url to the final address"
+        )
+    if status == 429:
+        raise ApiError(
+            f"the Ideogram API kept rate-limiting the request ({label}, {attempts}); "
+            "run less often or raise api.max_retries"
+        )
+    if status >= 500:
+        raise ApiError(
+            f"the Ideogram API failed ({label}{detail}, {attempts}); "
+            "this is usually temporary, the next run will try again"
+        )
+    raise ApiError(
+        f"the Ideogram API at {url} answered {label}{detail}; check api.base_url"
+    )
+
+
+def _read_body(response: requests.Response, limit: int, url: str) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ResponseError(_too_large(url, limit))
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ResponseError(_too_large(url, limit))
+            chunks.append(chunk)
+    except requests.exceptions.RequestException as exc:
+        raise ApiError(
+            f"the connection to the Ideogram API broke while reading the response from {url}: "
+            f"{_reason(exc)}; the next run will try again"
+        ) from None
+    return b"".join(chunks)
+
+
+def _too_large(url: str, limit: int) -> str:
+    return (
+        f"the response from {url} is larger than api.max_response_bytes ({limit} bytes); "
+        "raise the limit if the account really has that many datasets"
+    )
+
+
+def _status_label(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _error_detail(response: requests.Response) -> str:
+    # The server's framework usually says why in {"detail": ...}; not documented, so optional.
+    try:
+        raw = response.raw.read(4096, decode_content=True) if response.raw else b""
+        detail = json.loads(raw).get("detail")
+    except (ValueError, AttributeError, OSError, TypeError, requests.exceptions.RequestException):
+        return ""
+    if not isinstance(detail, str) or not detail.strip():
+        return ""
+    detail = " ".join(detail.split())
+    return f": {detail[:200]}"
+
+
+def _reason(exc: BaseException) -> str:
+    # requests nests urllib3's MaxRetryError; its innermost reason is the useful part.
+    inner: BaseException | None = exc
+    while inner is not None and getattr(inner, "reason", None) is not None:
+        inner = inner.reason  # type: ignore[attr-defined]
+    text = str(inner if isinstance(inner, BaseException) else exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "the host name does not resolve"
+    text = " ".join(text.split())
+    return text[:200]

@@ -1,0 +1,152 @@
+"""Engines and migrations: `make_engine`, `migrate`, `current_revision`, `head_revision`."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from sync import redact
+from sync.errors import ConfigError, DatabaseError
+
+log = logging.getLogger(__name__)
+
+# A URL without a driver gets the one our extras install.
+_DEFAULT_DRIVERS = {
+    "postgresql": ("postgresql+psycopg", "postgres"),
+    "postgres": ("postgresql+psycopg", "postgres"),
+    "mysql": ("mysql+pymysql", "mysql"),
+    "mariadb": ("mariadb+pymysql", "mysql"),
+}
+_EXTRA_FOR_BACKEND = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL and give driverless PostgreSQL/MySQL URLs our default drivers."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            "database.url is not a valid SQLAlchemy URL; expected e.g. "
+            "sqlite:///ideogram_sync.db or postgresql://user:password@host/dbname"
+        ) from None
+    if parsed.drivername in _DEFAULT_DRIVERS:
+        parsed = parsed.set(drivername=_DEFAULT_DRIVERS[parsed.drivername][0])
+    if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as it may be shown to people: password masked."""
+    parsed = url if isinstance(url, URL) else normalize_url(url)
+    return parsed.render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """Create an Engine for `url`; sessions run in UTC and SQLite waits for locks."""
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            folder = Path(database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"the folder for the SQLite database {database} does not exist; create "
+                    f"{folder} or change database.url"
+                )
+        kwargs["connect_args"] = {"timeout": 30}
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 15}
+    elif backend in ("mysql", "mariadb"):
+        kwargs["connect_args"] = {"init_command": "SET time_zone = '+00:00'", "connect_timeout": 15}
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_FOR_BACKEND.get(backend, backend)
+        raise ConfigError(
+            f"the database driver for {backend} is not installed ({exc.name}); "
+            f"pip install 'ideogram-dataset-sync[{extra}]'"
+        ) from None
+    except (ArgumentError, SQLAlchemyError) as exc:
+        raise ConfigError(f"cannot use database.url {safe_url(parsed)}: {exc}") from None
+    if backend == "sqlite":
+        _sqlite_transactions(engine)
+    return engine
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    # pysqlite opens transactions lazily (only before DML), so a read-then-write
+    # run would not be one transaction. Take over BEGIN, as SQLAlchemy's docs advise;
+    # IMMEDIATE takes the write lock up front so two writers queue instead of deadlocking.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed wheel, or migrations/ in a checkout."""
+    spec = importlib.util.find_spec("sync.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic Config that needs no alembic.ini; with a connection, env.py uses it."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    """The newest migration this version of the tool ships."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration the database is at (None for an empty database)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade the database to `target`; return (revision before, revision after)."""
+    before = current_revision(engine)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), target)
+    after = current_revision(engine)
+    if before != after:
+        log.info("migrated database from %s to %s", before or "empty", after)
+    return before, after
+
+
+def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseError:
+    """Turn a driver/SQLAlchemy exception into one clear, password-free line."""
+    orig = getattr(exc, "orig", None) or exc
+    detail = " ".join(str(orig).split())
+    if len(detail) > 300:
+        detail = detail[:299] + "…"
+    return DatabaseError(
+        redact.redact(
+            f"database error while {doing} ({safe_url(url)}): {type(orig).__name__}: {detail}; "
+            "check that the database is reachable and database.url is right"
+        )
+    )

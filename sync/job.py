@@ -1,0 +1,158 @@
+"""One account's sync, end to end: fetch, parse, apply and record, in the right transactions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from sync import client, redact, runs, store
+from sync.config import Settings
+from sync.db import current_revision, database_error, head_revision, migrate
+from sync.errors import InvalidRecordsError, MigrationRequired, SyncError
+from sync.records import Listing, parse_listing
+from sync.store import Counts
+
+log = logging.getLogger(__name__)
+
+# Enough reject lines to diagnose a bad listing without flooding the log.
+MAX_LOGGED_REJECTS = 20
+
+
+def utc_now() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunResult:
+    """What `sync_account` did: the run row's id, its counts and how long it took."""
+
+    run_id: int
+    account: str
+    counts: Counts
+    duration_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_database(engine: Engine, url: str, allow_migrate: bool) -> None:
+    """Bring the schema to head, or refuse with MigrationRequired when not allowed."""
+    try:
+        current = current_revision(engine)
+        head = head_revision()
+        if current == head:
+            return
+        if not allow_migrate:
+            raise MigrationRequired(
+                f"the database is at migration {current or 'none (empty)'} but this version "
+                f"needs {head}; run `ideogram-sync migrate`, or drop --no-migrate"
+            )
+        migrate(engine)
+    except SQLAlchemyError as exc:
+        raise database_error(exc, url, "checking or migrating the schema") from exc
+    except SyncError:
+        raise
+    except Exception as exc:  # Alembic's own errors, e.g. a revision we do not know
+        raise MigrationRequired(
+            f"cannot migrate the database: {exc}; if a newer ideogram-sync migrated it, "
+            "upgrade this installation"
+        ) from exc
+
+
+def sync_account(
+    settings: Settings,
+    engine: Engine,
+    *,
+    body: bytes | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> RunResult:
+    """Sync one account: record a run, fetch (or use `body`), apply, commit with the run row."""
+    account = settings.account
+    url = settings.database.url
+    started = time.monotonic()
+    try:
+        run_id = runs.start_run(engine, account, clock())
+    except SQLAlchemyError as exc:
+        raise database_error(exc, url, "recording the start of the run") from exc
+    log.info("run %d started for account %s", run_id, account)
+
+    listing: Listing | None = None
+    try:
+        if body is None:
+            session = client.make_session(settings.api, settings.api.key())
+            with session:
+                body = client.fetch_datasets(session, settings.api)
+        listing = parse_listing(body)
+        _report(listing, settings.sync.on_invalid_record)
+        try:
+            with engine.begin() as conn:
+                counts = store.apply(conn, account, listing, run_id, clock())
+                runs.finish_run(conn, run_id, counts, clock())
+        except SQLAlchemyError as exc:
+            raise database_error(exc, url, "writing the datasets") from exc
+    except BaseException as exc:
+        _record_failure(engine, url, run_id, exc, listing, clock)
+        raise
+    duration = time.monotonic() - started
+    log.info(
+        "run %d succeeded for account %s in %.2fs: seen=%d inserted=%d updated=%d "
+        "unchanged=%d deleted=%d rejected=%d",
+        run_id,
+        account,
+        duration,
+        counts.seen,
+        counts.inserted,
+        counts.updated,
+        counts.unchanged,
+        counts.deleted,
+        counts.rejected,
+    )
+    return RunResult(run_id=run_id, account=account, counts=counts, duration_seconds=duration)
+
+
+def _report(listing: Listing, policy: str) -> None:
+    for dataset_id in listing.duplicates:
+        log.warning("dataset %s is listed more than once; the last entry wins", dataset_id)
+    for reject in listing.rejects[:MAX_LOGGED_REJECTS]:
+        where = f"dataset {reject.dataset_id}" if reject.dataset_id else f"record #{reject.index}"
+        log.warning("rejected %s: %s", where, reject.reason)
+    if len(listing.rejects) > MAX_LOGGED_REJECTS:
+        log.warning("… and %d more rejected records", len(listing.rejects) - MAX_LOGGED_REJECTS)
+    if listing.rejects and policy == "fail":
+        first = listing.rejects[0]
+        raise InvalidRecordsError(
+            f"{len(listing.rejects)} invalid record(s) in the listing (first: "
+            f"{first.dataset_id or f'record #{first.index}'}: {first.reason}) and "
+            'sync.on_invalid_record = "fail"; nothing was changed'
+        )
+
+
+def _record_failure(
+    engine: Engine,
+    url: str,
+    run_id: int,
+    exc: BaseException,
+    listing: Listing | None,
+    clock: Callable[[], datetime],
+) -> None:
+    if isinstance(exc, SyncError):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    counts = (
+        Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()
+    )
+    try:
+        runs.fail_run(engine, run_id, redact.redact(message), counts, clock())
+    except SQLAlchemyError as db_exc:
+        # The database itself may be what failed; the run row then stays `running`.
+        log.error(
+            "could not record run %d as failed: %s", run_id, database_error(db_exc, url, "recording the failure")
+        )

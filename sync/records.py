@@ -1,0 +1,255 @@
+"""Turn a `GET /datasets` body into typed rows and rejects. Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sync.errors import ResponseError
+
+# Column widths in sync/models.py; a longer value is rejected here rather than
+# failing (or being silently truncated by) the database.
+MAX_ID_LENGTH = 255
+MAX_NAME_LENGTH = 1024
+MAX_ASSET_TYPE_LENGTH = 64
+
+_KNOWN_FIELDS = frozenset({"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"})
+_KNOWN_COVER_FIELDS = frozenset({"asset_type", "asset_id"})
+# Date, `T` or space, time with optional seconds and fraction, optional `Z` or offset.
+_TIMESTAMP = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?\s*([Zz]|[+-]\d{2}:?\d{2})?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRow:
+    """One valid dataset, shaped like a row of the `datasets` table."""
+
+    dataset_id: str
+    name: str
+    user_id: str
+    creation_time: datetime
+    cover_asset_type: str | None
+    cover_asset_id: str | None
+    extra: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A record that could not be used, with why."""
+
+    index: int
+    dataset_id: str | None
+    reason: str
+
+
+@dataclass
+class Listing:
+    """A parsed listing: the valid rows by id (last occurrence wins) and the rejects."""
+
+    rows: dict[str, DatasetRow] = field(default_factory=dict)
+    rejects: list[Reject] = field(default_factory=list)
+    seen: int = 0
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def protected_ids(self) -> set[str]:
+        """Ids of rejected records: their stored rows must be left exactly as they are."""
+        return {r.dataset_id for r in self.rejects if r.dataset_id} - self.rows.keys()
+
+    @property
+    def complete(self) -> bool:
+        """False when a reject had no usable id, so absence from the listing proves nothing."""
+        return all(r.dataset_id for r in self.rejects)
+
+
+class InvalidRecord(ValueError):
+    """Raised inside the parser for one record; becomes a Reject."""
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse an ISO 8601 date-time (`T` or space, optional fraction, `Z`/offset) to aware UTC."""
+    match = _TIMESTAMP.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"not an ISO 8601 date-time: {_short(value)}")
+    day, clock, fraction, zone = match.groups()
+    if clock.count(":") == 1:
+        clock += ":00"
+    text = f"{day}T{clock}"
+    if fraction:
+        # Python keeps microseconds; finer digits (nanoseconds) are dropped, not rounded.
+        text += "." + fraction[:6].ljust(6, "0")
+    if zone and zone not in ("Z", "z"):
+        text += zone if ":" in zone else f"{zone[:3]}:{zone[3:]}"
+    elif zone:
+        text += "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a valid date-time: {_short(value)}") from None
+    if parsed.tzinfo is None:
+        # The API documents UTC; a time without an offset is read as UTC.
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def parse_listing(body: bytes | str) -> Listing:
+    """Parse a whole response body; raise ResponseError when it is not a usable listing."""
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        raise ResponseError("the API response is nested too deeply to be a dataset listing") from None
+    except ValueError as exc:
+        raise ResponseError(f"the API response is not valid JSON ({_short(str(exc))})") from None
+    if not isinstance(document, dict):
+        raise ResponseError(
+            f"the API response is a JSON {_json_type(document)}, not an object with a "
+            "`datasets` list"
+        )
+    if "datasets" not in document:
+        keys = ", ".join(sorted(map(str, document))[:5]) or "none"
+        raise ResponseError(f"the API response has no `datasets` field (keys: {_short(keys)})")
+    records = document["datasets"]
+    if not isinstance(records, list):
+        raise ResponseError(f"`datasets` in the API response is a {_json_type(records)}, not a list")
+
+    listing = Listing(seen=len(records))
+    for index, record in enumerate(records):
+        dataset_id = _usable_id(record)
+        try:
+            row = parse_record(record)
+        except InvalidRecord as exc:
+            listing.rejects.append(Reject(index, dataset_id, str(exc)))
+            if dataset_id is not None:
+                # The last occurrence decides; a rejected one leaves the stored row alone.
+                listing.rows.pop(dataset_id, None)
+            continue
+        if row.dataset_id in listing.rows:
+            listing.duplicates.append(row.dataset_id)
+        listing.rows[row.dataset_id] = row
+    return listing
+
+
+def parse_record(record: Any) -> DatasetRow:
+    """Validate one `Dataset` object and shape it as a row; raise InvalidRecord if unusable."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(f"record is a JSON {_json_type(record)}, not an object")
+    dataset_id = _text(record, "dataset_id", MAX_ID_LENGTH, required=True, empty_ok=False)
+    name = _text(record, "name", MAX_NAME_LENGTH, required=True, empty_ok=True)
+    user_id = _text(record, "user_id", MAX_ID_LENGTH, required=True, empty_ok=False)
+    raw_time = record.get("creation_time")
+    if not isinstance(raw_time, str):
+        raise InvalidRecord(_missing_or_type("creation_time", raw_time, "string"))
+    try:
+        creation_time = parse_timestamp(raw_time)
+    except ValueError as exc:
+        raise InvalidRecord(f"creation_time is {exc}") from None
+
+    extra = {k: v for k, v in record.items() if k not in _KNOWN_FIELDS}
+    cover_type = cover_id = None
+    cover = record.get("cover_asset_identifier")
+    if cover is not None:
+        if not isinstance(cover, dict):
+            raise InvalidRecord(
+                f"cover_asset_identifier is a JSON {_json_type(cover)}, not an object or null"
+            )
+        cover_type = _text(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, True, False, "cover.")
+        cover_id = _text(cover, "asset_id", MAX_ID_LENGTH, True, False, "cover.")
+        cover_extra = {k: v for k, v in cover.items() if k not in _KNOWN_COVER_FIELDS}
+        if cover_extra:
+            extra["cover_asset_identifier"] = cover_extra
+    if extra:
+        _check_json_text(extra)
+    return DatasetRow(
+        dataset_id=dataset_id,
+        name=name,
+        user_id=user_id,
+        creation_time=creation_time,
+        cover_asset_type=cover_type,
+        cover_asset_id=cover_id,
+        extra=extra or None,
+    )
+
+
+def _text(
+    obj: dict[str, Any],
+    key: str,
+    max_length: int,
+    required: bool,
+    empty_ok: bool,
+    prefix: str = "",
+) -> str:
+    value = obj.get(key)
+    label = prefix + key
+    if not isinstance(value, str):
+        raise InvalidRecord(_missing_or_type(label, value, "string"))
+    if not empty_ok and not value.strip():
+        raise InvalidRecord(f"{label} is empty")
+    if len(value) > max_length:
+        raise InvalidRecord(f"{label} is {len(value)} characters long (at most {max_length})")
+    _check_storable(value, label)
+    return value
+
+
+def _check_storable(value: str, label: str) -> None:
+    # PostgreSQL refuses NUL in text and every driver refuses lone surrogates
+    # (JSON can carry both): reject the record rather than fail the whole run.
+    if "\x00" in value:
+        raise InvalidRecord(f"{label} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRecord(f"{label} contains invalid Unicode (a lone surrogate)") from None
+
+
+def _check_json_text(value: Any, label: str = "an unknown field") -> None:
+    if isinstance(value, str):
+        _check_storable(value, label)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_storable(k, label)
+            _check_json_text(v, label)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json_text(item, label)
+
+
+def _usable_id(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    value = record.get("dataset_id")
+    if isinstance(value, str) and value.strip() and len(value) <= MAX_ID_LENGTH:
+        try:
+            _check_storable(value, "dataset_id")
+        except InvalidRecord:
+            return None
+        return value
+    return None
+
+
+def _missing_or_type(label: str, value: Any, wanted: str) -> str:
+    if value is None:
+        return f"{label} is missing or null"
+    return f"{label} is a JSON {_json_type(value)}, not a {wanted}"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = repr(text) if not text.isprintable() else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"

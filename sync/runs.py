@@ -1,0 +1,112 @@
+"""The `sync_runs` table: start, finish and fail run rows, and read them back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from sync.models import RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, sync_runs
+from sync.store import Counts
+
+# Long errors are cut so one bad response cannot bloat the run table.
+MAX_ERROR_LENGTH = 2000
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One row of sync_runs, as `status` shows it."""
+
+    id: int
+    account: str
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    datasets_seen: int
+    inserted: int
+    updated: int
+    unchanged: int
+    deleted: int
+    rejected: int
+    error: str | None
+
+    @property
+    def duration_seconds(self) -> float | None:
+        """Seconds from start to finish, None while running."""
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+def start_run(engine: Engine, account: str, now: datetime) -> int:
+    """Insert and commit a `running` row; return its id."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            insert(sync_runs).values(
+                account=account,
+                started_at=now,
+                status=RUN_RUNNING,
+                **_count_values(Counts()),
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+
+def finish_run(conn: Connection, run_id: int, counts: Counts, now: datetime) -> None:
+    """Mark the run successful inside the caller's (data) transaction."""
+    conn.execute(
+        update(sync_runs)
+        .where(sync_runs.c.id == run_id)
+        .values(status=RUN_SUCCESS, finished_at=now, error=None, **_count_values(counts))
+    )
+
+
+def fail_run(engine: Engine, run_id: int, error: str, counts: Counts, now: datetime) -> None:
+    """Mark the run failed, in a transaction of its own."""
+    if len(error) > MAX_ERROR_LENGTH:
+        error = error[: MAX_ERROR_LENGTH - 1] + "…"
+    with engine.begin() as conn:
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id == run_id)
+            .values(status=RUN_FAILED, finished_at=now, error=error, **_count_values(counts))
+        )
+
+
+def latest_runs(engine: Engine, per_account: int = 5) -> list[RunRow]:
+    """The newest `per_account` runs of every account, newest first within each account."""
+    ranked = select(
+        sync_runs,
+        func.row_number()
+        .over(partition_by=sync_runs.c.account, order_by=sync_runs.c.id.desc())
+        .label("run_rank"),
+    ).subquery()
+    query = (
+        select(*[ranked.c[c.name] for c in sync_runs.columns])
+        .where(ranked.c.run_rank <= per_account)
+        .order_by(ranked.c.account, ranked.c.id.desc())
+    )
+    with engine.connect() as conn:
+        return [RunRow(**row._mapping) for row in conn.execute(query)]
+
+
+def _count_values(counts: Counts) -> dict[str, int]:
+    return {
+        "datasets_seen": counts.seen,
+        "inserted": counts.inserted,
+        "updated": counts.updated,
+        "unchanged": counts.unchanged,
+        "deleted": counts.deleted,
+        "rejected": counts.rejected,
+    }
+
+
+def last_status_by_account(rows: Sequence[RunRow]) -> dict[str, str]:
+    """The status of each account's newest run among `rows`."""
+    latest: dict[str, RunRow] = {}
+    for row in rows:
+        if row.account not in latest or row.id > latest[row.account].id:
+            latest[row.account] = row
+    return {account: row.status for account, row in latest.items()}

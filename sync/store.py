@@ -1,0 +1,185 @@
+"""Apply a parsed listing to the `datasets` table: diff, batched dialect upsert, soft-delete."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.sql.dml import Insert
+
+from sync.models import datasets
+from sync.records import DatasetRow, Listing
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Rows per upsert statement and ids per IN list: large enough to keep round trips
+# few, small enough for every backend's parameter limits.
+BATCH_SIZE = 500
+
+CONTENT_COLUMNS = (
+    "name",
+    "user_id",
+    "creation_time",
+    "cover_asset_type",
+    "cover_asset_id",
+    "extra",
+)
+# Everything an upsert sets on an existing row; first_seen_at stays as first written.
+_UPDATE_COLUMNS = (*CONTENT_COLUMNS, "account", "updated_at", "deleted_at", "last_sync_run_id")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one sync did to the table."""
+
+    seen: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    account: str
+    content: tuple[Any, ...]
+    deleted: bool
+
+
+def apply(
+    conn: Connection, account: str, listing: Listing, run_id: int, now: datetime
+) -> Counts:
+    """Bring `datasets` in line with `listing` for `account`, writing only rows that changed."""
+    stored = _load(conn)
+    changed: list[dict[str, Any]] = []
+    inserted = updated = unchanged = 0
+    for dataset_id, row in listing.rows.items():
+        old = stored.get(dataset_id)
+        content = _content(row)
+        if old is None:
+            inserted += 1
+        elif old.deleted or old.account != account or old.content != content:
+            updated += 1
+        else:
+            unchanged += 1
+            continue
+        changed.append(_values(row, account, run_id, now))
+
+    gone = _gone(stored, account, listing)
+    _upsert(conn, changed)
+    _soft_delete(conn, gone, run_id, now)
+    return Counts(
+        seen=listing.seen,
+        inserted=inserted,
+        updated=updated,
+        unchanged=unchanged,
+        deleted=len(gone),
+        rejected=len(listing.rejects),
+    )
+
+
+def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[str]:
+    if not listing.complete:
+        # A record without a usable id might be any of ours: deleting on its
+        # absence could delete a dataset that still exists.
+        log.warning(
+            "a rejected record had no usable dataset_id, so this run soft-deletes nothing"
+        )
+        return []
+    protected = listing.protected_ids
+    return sorted(
+        dataset_id
+        for dataset_id, old in stored.items()
+        if old.account == account
+        and not old.deleted
+        and dataset_id not in listing.rows
+        and dataset_id not in protected
+    )
+
+
+def _load(conn: Connection) -> dict[str, _Stored]:
+    # The table is keyed on dataset_id alone, so a dataset another account saw
+    # is still "this row": load every row's content, compactly, once.
+    columns = [datasets.c[name] for name in CONTENT_COLUMNS]
+    query = select(datasets.c.dataset_id, datasets.c.account, datasets.c.deleted_at, *columns)
+    return {
+        r[0]: _Stored(account=r[1], deleted=r[2] is not None, content=tuple(r[3:]))
+        for r in conn.execute(query)
+    }
+
+
+def _content(row: DatasetRow) -> tuple[Any, ...]:
+    return (
+        row.name,
+        row.user_id,
+        row.creation_time,
+        row.cover_asset_type,
+        row.cover_asset_id,
+        row.extra,
+    )
+
+
+def _values(row: DatasetRow, account: str, run_id: int, now: datetime) -> dict[str, Any]:
+    return {
+        "dataset_id": row.dataset_id,
+        "account": account,
+        "name": row.name,
+        "user_id": row.user_id,
+        "creation_time": row.creation_time,
+        "cover_asset_type": row.cover_asset_type,
+        "cover_asset_id": row.cover_asset_id,
+        "extra": row.extra,
+        "first_seen_at": now,
+        "updated_at": now,
+        "deleted_at": None,
+        "last_sync_run_id": run_id,
+    }
+
+
+def upsert_statement(dialect_name: str) -> Insert:
+    """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE for `datasets` in the given dialect."""
+    if dialect_name in ("mysql", "mariadb"):
+        stmt = mysql.insert(datasets)
+        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in _UPDATE_COLUMNS})
+    if dialect_name == "postgresql":
+        pg = postgresql.insert(datasets)
+        return pg.on_conflict_do_update(
+            index_elements=[datasets.c.dataset_id],
+            set_={c: pg.excluded[c] for c in _UPDATE_COLUMNS},
+        )
+    if dialect_name == "sqlite":
+        lite = sqlite.insert(datasets)
+        return lite.on_conflict_do_update(
+            index_elements=[datasets.c.dataset_id],
+            set_={c: lite.excluded[c] for c in _UPDATE_COLUMNS},
+        )
+    raise NotImplementedError(f"no upsert for the {dialect_name} dialect")
+
+
+def _upsert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    stmt = upsert_statement(conn.dialect.name)
+    for batch in _batches(rows):
+        conn.execute(stmt, batch)
+
+
+def _soft_delete(conn: Connection, ids: Sequence[str], run_id: int, now: datetime) -> None:
+    for batch in _batches(ids):
+        conn.execute(
+            update(datasets)
+            .where(datasets.c.dataset_id.in_(batch), datasets.c.deleted_at.is_(None))
+            .values(deleted_at=now, updated_at=now, last_sync_run_id=run_id)
+        )
+
+
+def _batches(items: Sequence[T], size: int = BATCH_SIZE) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
