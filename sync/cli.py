@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sync import __version__
-from sync.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigError, SyncError
+from sync.errors import EXIT_FAILED, EXIT_OK, ConfigError, SyncError
 from sync.redact import RedactingFilter, redact
 
 log = logging.getLogger("sync")
@@ -23,7 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 class _UTCFormatter(logging.Formatter):
     converter = time.gmtime
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", self.converter(record.created))
 
 
@@ -232,7 +232,9 @@ def _format_table(rows: Sequence) -> str:  # type: ignore[type-arg]
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table
+    ]
     return "\n".join(lines)
 
 

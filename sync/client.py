@@ -109,9 +109,7 @@ def _check_status(response: requests.Response, url: str, attempts: str) -> None:
             f"the Ideogram API failed ({label}{detail}, {attempts}); "
             "this is usually temporary, the next run will try again"
         )
-    raise ApiError(
-        f"the Ideogram API at {url} answered {label}{detail}; check api.base_url"
-    )
+    raise ApiError(f"the Ideogram API at {url} answered {label}{detail}; check api.base_url")
 
 
 def _read_body(response: requests.Response, limit: int, url: str) -> bytes:

@@ -146,13 +146,13 @@ def _record_failure(
         message = "interrupted"
     else:
         message = f"internal error: {type(exc).__name__}: {exc}"
-    counts = (
-        Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()
-    )
+    counts = Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()
     try:
         runs.fail_run(engine, run_id, redact.redact(message), counts, clock())
     except SQLAlchemyError as db_exc:
         # The database itself may be what failed; the run row then stays `running`.
         log.error(
-            "could not record run %d as failed: %s", run_id, database_error(db_exc, url, "recording the failure")
+            "could not record run %d as failed: %s",
+            run_id,
+            database_error(db_exc, url, "recording the failure"),
         )

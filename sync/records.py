@@ -16,7 +16,9 @@ MAX_ID_LENGTH = 255
 MAX_NAME_LENGTH = 1024
 MAX_ASSET_TYPE_LENGTH = 64
 
-_KNOWN_FIELDS = frozenset({"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"})
+_KNOWN_FIELDS = frozenset(
+    {"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"}
+)
 _KNOWN_COVER_FIELDS = frozenset({"asset_type", "asset_id"})
 # Date, `T` or space, time with optional seconds and fraction, optional `Z` or offset.
 _TIMESTAMP = re.compile(
@@ -101,7 +103,9 @@ def parse_listing(body: bytes | str) -> Listing:
     try:
         document = json.loads(body)
     except RecursionError:
-        raise ResponseError("the API response is nested too deeply to be a dataset listing") from None
+        raise ResponseError(
+            "the API response is nested too deeply to be a dataset listing"
+        ) from None
     except ValueError as exc:
         raise ResponseError(f"the API response is not valid JSON ({_short(str(exc))})") from None
     if not isinstance(document, dict):
@@ -114,7 +118,9 @@ def parse_listing(body: bytes | str) -> Listing:
         raise ResponseError(f"the API response has no `datasets` field (keys: {_short(keys)})")
     records = document["datasets"]
     if not isinstance(records, list):
-        raise ResponseError(f"`datasets` in the API response is a {_json_type(records)}, not a list")
+        raise ResponseError(
+            f"`datasets` in the API response is a {_json_type(records)}, not a list"
+        )
 
     listing = Listing(seen=len(records))
     for index, record in enumerate(records):

@@ -53,9 +53,7 @@ class _Stored:
     deleted: bool
 
 
-def apply(
-    conn: Connection, account: str, listing: Listing, run_id: int, now: datetime
-) -> Counts:
+def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: datetime) -> Counts:
     """Bring `datasets` in line with `listing` for `account`, writing only rows that changed."""
     stored = _load(conn)
     changed: list[dict[str, Any]] = []
@@ -89,9 +87,7 @@ def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[st
     if not listing.complete:
         # A record without a usable id might be any of ours: deleting on its
         # absence could delete a dataset that still exists.
-        log.warning(
-            "a rejected record had no usable dataset_id, so this run soft-deletes nothing"
-        )
+        log.warning("a rejected record had no usable dataset_id, so this run soft-deletes nothing")
         return []
     protected = listing.protected_ids
     return sorted(
