@@ -18,6 +18,16 @@ log = logging.getLogger("sync")
 
 EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EPILOG = """\
+exit codes:
+  0    success
+  1    the run failed (network, server, bad response, database)
+  2    usage or configuration error (also: database behind with --no-migrate)
+  3    the API rejected the key (HTTP 401/403)
+  130  interrupted (Ctrl-C)
+
+environment: IDEOGRAM_API_KEY, IDEOGRAM_SYNC_DATABASE_URL, IDEOGRAM_API_BASE_URL,
+IDEOGRAM_SYNC_CONFIG. Docs: README.md and docs/ in the project."""
 
 
 class _UTCFormatter(logging.Formatter):
@@ -32,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ideogram-sync",
         description="Keep a SQL table of your Ideogram datasets current, recording every run.",
-        epilog="Exit codes: 0 success, 1 run failed, 2 usage or configuration error, "
-        "3 the API rejected the key. Docs: README.md.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(

@@ -8,6 +8,8 @@ from http import HTTPStatus
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import exceptions as urllib3_exceptions
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 from urllib3.util.retry import Retry
 
 from sync import __version__
@@ -60,15 +62,15 @@ def fetch_datasets(session: requests.Session, api: ApiSettings) -> bytes:
             allow_redirects=False,
             stream=True,
         )
-    except requests.exceptions.Timeout:
+    except requests.exceptions.RequestException as exc:
+        if not _is_timeout(exc):
+            raise ApiError(
+                f"cannot reach the Ideogram API at {url} ({attempts}): {_reason(exc)}; "
+                "check the network and api.base_url"
+            ) from None
         raise ApiError(
             f"the Ideogram API at {url} did not answer within {api.timeout_seconds:g}s "
             f"({attempts}); check the network or raise api.timeout_seconds"
-        ) from None
-    except requests.exceptions.RequestException as exc:
-        raise ApiError(
-            f"cannot reach the Ideogram API at {url} ({attempts}): {_reason(exc)}; "
-            "check the network and api.base_url"
         ) from None
     with response:
         _check_status(response, url, attempts)
@@ -159,15 +161,40 @@ def _error_detail(response: requests.Response) -> str:
     return f": {detail[:200]}"
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    # requests wraps urllib3's MaxRetryError, which wraps what really happened.
+    cause = exc
+    for _ in range(10):
+        if isinstance(cause, MaxRetryError) and cause.reason is not None:
+            cause = cause.reason
+        elif cause.args and isinstance(cause.args[0], BaseException):
+            cause = cause.args[0]
+        else:
+            break
+    return cause
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    cause = _root_cause(exc)
+    # urllib3 makes "connection refused" a subclass of its connect-timeout error.
+    if isinstance(cause, NewConnectionError):
+        return False
+    return isinstance(exc, requests.exceptions.Timeout) or isinstance(
+        cause, TimeoutError | urllib3_exceptions.TimeoutError
+    )
+
+
 def _reason(exc: BaseException) -> str:
-    # requests nests urllib3's MaxRetryError; its innermost reason is the useful part.
-    inner: BaseException | None = exc
-    while inner is not None and getattr(inner, "reason", None) is not None:
-        inner = inner.reason  # type: ignore[attr-defined]
-    text = str(inner if isinstance(inner, BaseException) else exc)
+    cause = _root_cause(exc)
+    text = " ".join(str(cause).split())
     if "Connection refused" in text:
         return "connection refused"
-    if "Name or service not known" in text or "nodename nor servname" in text:
+    if (
+        "Name or service not known" in text
+        or "nodename nor servname" in text
+        or "NameResolution" in text
+    ):
         return "the host name does not resolve"
-    text = " ".join(text.split())
+    if isinstance(cause, ProtocolError) and len(cause.args) > 1:
+        text = f"{cause.args[0]} {cause.args[1]}"
     return text[:200]

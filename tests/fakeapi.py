@@ -47,6 +47,7 @@ class FakeApi:
         self.datasets: list[Any] = []
         self.script: deque[Reply] = deque()
         self.requests: list[Seen] = []
+        self.times: list[float] = []
         self._lock = threading.Lock()
         api = self
 
@@ -80,13 +81,12 @@ class FakeApi:
         with self._lock:
             if self.script:
                 return self.script.popleft()
-            return Reply(
-                200, {"datasets": self.datasets}, {"Content-Type": "application/json"}
-            )
+            return Reply(200, {"datasets": self.datasets}, {"Content-Type": "application/json"})
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.requests.append(Seen("GET", handler.path, dict(handler.headers.items())))
+            self.times.append(time.monotonic())
         reply = self._next() if handler.path.split("?")[0] == "/datasets" else Reply(404)
         if reply.delay:
             time.sleep(reply.delay)
@@ -118,7 +118,7 @@ def dataset(
     *,
     user_id: str = "user-1",
     created: str = "2024-12-15T17:32:00.965408+00:00",
-    cover: dict[str, Any] | None | str = "default",
+    cover: dict[str, Any] | str | None = "default",
     **extra: Any,
 ) -> dict[str, Any]:
     """One Dataset object in the API's exact shape."""
@@ -129,7 +129,10 @@ def dataset(
         "creation_time": created,
     }
     if cover == "default":
-        record["cover_asset_identifier"] = {"asset_type": "RESPONSE", "asset_id": f"cov-{dataset_id}"}
+        record["cover_asset_identifier"] = {
+            "asset_type": "RESPONSE",
+            "asset_id": f"cov-{dataset_id}",
+        }
     elif cover is not None:
         record["cover_asset_identifier"] = cover
     else:

@@ -105,7 +105,10 @@ def test_changes_removal_and_return(cli, fake_api: FakeApi, db_url: str) -> None
     assert second["a"]["updated_at"] > first["a"]["updated_at"]
     assert second["a"]["first_seen_at"] == first["a"]["first_seen_at"]
     assert second["a"]["last_sync_run_id"] == run2["id"]
-    assert (second["b"]["cover_asset_type"], second["b"]["cover_asset_id"]) == ("UPLOAD", "new-cover")
+    assert (second["b"]["cover_asset_type"], second["b"]["cover_asset_id"]) == (
+        "UPLOAD",
+        "new-cover",
+    )
     assert second["c"]["deleted_at"] is not None
     assert second["c"]["name"] == first["c"]["name"]
 
@@ -205,7 +208,7 @@ def test_retry_after_is_honoured_then_succeeds(cli, fake_api: FakeApi, db_url: s
         Reply(429, {"detail": "slow down"}, {"Retry-After": "1"}),
         Reply(503, b"", {"Retry-After": "0"}),
     )
-    result = cli("--database-url", db_url, "run")
+    result = cli("--database-url", db_url, "run", env={"IDEOGRAM_SYNC_CONFIG": _fast_retries()})
     assert result.code == 0, result.err
     assert len(fake_api.requests) == 3
     assert set(by_id(db_url)) == {"a"}
