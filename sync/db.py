@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
 from sync import redact
 from sync.errors import ConfigError, DatabaseError
@@ -144,9 +144,13 @@ def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseEr
     detail = " ".join(str(orig).split())
     if len(detail) > 300:
         detail = detail[:299] + "…"
+    if isinstance(exc, OperationalError | InterfaceError):
+        hint = "check that the database is reachable, writable and database.url is right"
+    else:
+        hint = "the database refused a statement; rerun with -v and report it if it persists"
     return DatabaseError(
         redact.redact(
             f"database error while {doing} ({safe_url(url)}): {type(orig).__name__}: {detail}; "
-            "check that the database is reachable and database.url is right"
+            + hint
         )
     )

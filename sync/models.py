@@ -114,6 +114,35 @@ sync_runs = Table(
     **MYSQL_TABLE_ARGS,
 )
 
+# One row per version of a dataset (a type-2 slowly changing dimension): the
+# dataset's columns as they were from valid_from until valid_to (null: current).
+dataset_history = Table(
+    "dataset_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("dataset_id", String(255), nullable=False),
+    Column("account", String(255), nullable=False),
+    Column("name", String(1024), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("creation_time", UTCDateTime(), nullable=False),
+    Column("cover_asset_type", String(64)),
+    Column("cover_asset_id", String(255)),
+    Column("extra", JSONType),
+    Column("valid_from", UTCDateTime(), nullable=False),
+    Column("valid_to", UTCDateTime()),
+    Column("change_type", String(16), nullable=False),
+    Column("sync_run_id", Integer, nullable=False),
+    Index(None, "dataset_id", "valid_to"),
+    Index(None, "valid_from"),
+    Index(None, "sync_run_id"),
+    **MYSQL_TABLE_ARGS,
+)
+
+CHANGE_INSERT = "insert"
+CHANGE_UPDATE = "update"
+CHANGE_DELETE = "delete"
+CHANGE_RESTORE = "restore"
+
 RUN_RUNNING = "running"
 RUN_SUCCESS = "success"
 RUN_FAILED = "failed"

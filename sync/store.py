@@ -1,4 +1,4 @@
-"""Apply a parsed listing to the `datasets` table: diff, batched dialect upsert, soft-delete."""
+"""Apply a parsed listing: diff against stored rows, batched dialect upsert, soft-delete, history."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
-from sync.models import datasets
+from sync.models import (
+    CHANGE_DELETE,
+    CHANGE_INSERT,
+    CHANGE_RESTORE,
+    CHANGE_UPDATE,
+    dataset_history,
+    datasets,
+)
 from sync.records import DatasetRow, Listing
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ CONTENT_COLUMNS = (
     "cover_asset_id",
     "extra",
 )
+_HISTORY_COLUMNS = ("dataset_id", "account", *CONTENT_COLUMNS)
 # Everything an upsert sets on an existing row; first_seen_at stays as first written.
 _UPDATE_COLUMNS = (*CONTENT_COLUMNS, "account", "updated_at", "deleted_at", "last_sync_run_id")
 
@@ -54,25 +62,40 @@ class _Stored:
 
 
 def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: datetime) -> Counts:
-    """Bring `datasets` in line with `listing` for `account`, writing only rows that changed."""
+    """Bring `datasets` (and its history) in line with `listing`, writing only what changed."""
     stored = _load(conn)
     changed: list[dict[str, Any]] = []
+    versions: list[dict[str, Any]] = []
+    superseded: list[str] = []
     inserted = updated = unchanged = 0
     for dataset_id, row in listing.rows.items():
         old = stored.get(dataset_id)
         content = _content(row)
         if old is None:
             inserted += 1
+            change = CHANGE_INSERT
         elif old.deleted or old.account != account or old.content != content:
             updated += 1
+            change = CHANGE_RESTORE if old.deleted else CHANGE_UPDATE
+            superseded.append(dataset_id)
         else:
             unchanged += 1
             continue
-        changed.append(_values(row, account, run_id, now))
+        values = _values(row, account, run_id, now)
+        changed.append(values)
+        versions.append(_version(values, change, run_id, now))
 
     gone = _gone(stored, account, listing)
+    for dataset_id in gone:
+        old = stored[dataset_id]
+        values = {"dataset_id": dataset_id, "account": old.account}
+        values.update(zip(CONTENT_COLUMNS, old.content, strict=True))
+        versions.append(_version(values, CHANGE_DELETE, run_id, now))
+    superseded.extend(gone)
+
     _upsert(conn, changed)
     _soft_delete(conn, gone, run_id, now)
+    _write_history(conn, superseded, versions, now)
     return Counts(
         seen=listing.seen,
         inserted=inserted,
@@ -81,6 +104,26 @@ def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: da
         deleted=len(gone),
         rejected=len(listing.rejects),
     )
+
+
+def _version(values: dict[str, Any], change: str, run_id: int, now: datetime) -> dict[str, Any]:
+    version = {c: values[c] for c in _HISTORY_COLUMNS}
+    version.update(valid_from=now, valid_to=None, change_type=change, sync_run_id=run_id)
+    return version
+
+
+def _write_history(
+    conn: Connection, superseded: Sequence[str], versions: Sequence[dict[str, Any]], now: datetime
+) -> None:
+    # Close the current version of every row this run changed, then add the new ones.
+    for batch in _batches(superseded):
+        conn.execute(
+            update(dataset_history)
+            .where(dataset_history.c.dataset_id.in_(batch), dataset_history.c.valid_to.is_(None))
+            .values(valid_to=now)
+        )
+    for batch in _batches(versions):
+        conn.execute(insert(dataset_history), batch)
 
 
 def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[str]:
