@@ -38,8 +38,12 @@ def run_online() -> None:
     if config.config_file_name:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-    url = config.get_main_option("sqlalchemy.url") or load_settings().database.url
-    engine = make_engine(url)
+    database = load_settings().database
+    url = config.get_main_option("sqlalchemy.url") or database.url
+    engine = make_engine(url, database.schema)
+    if database.schema:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{database.schema}"')
     try:
         with engine.begin() as conn:
             _run(conn)

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sync import __version__
 from sync.errors import EXIT_FAILED, EXIT_OK, ConfigError, SyncError
 from sync.redact import RedactingFilter, redact
+
+if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
+    from sqlalchemy import Engine
+
+    from sync.config import Settings
 
 log = logging.getLogger("sync")
 
@@ -93,7 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs to show per account (default: 5)",
     )
+    status.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="table for people (default), json for machines",
+    )
     status.set_defaults(handler=_cmd_status)
+
+    shown = commands.add_parser("datasets", help="print the synced datasets")
+    shown.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table (default), csv or json (csv and json carry every column)",
+    )
+    shown.add_argument(
+        "--include-deleted",
+        action="store_true",
+        help="include datasets that are soft-deleted (deleted_at set)",
+    )
+    shown.set_defaults(handler=_cmd_datasets)
     return parser
 
 
@@ -128,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("%s interrupted", args.command)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         log.error(
             "%s failed with an unexpected error: %s: %s (rerun with -v for the traceback, "
@@ -140,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace) -> Settings:
     from sync.config import load_settings
 
     return load_settings(args.config, database_url=args.database_url)
@@ -155,15 +186,20 @@ def _read_input(path: str) -> bytes:
         raise ConfigError(f"cannot read --input {path}: {exc.strerror}") from None
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _open_engine(settings: Settings) -> Engine:
     from sync.db import make_engine
+
+    return make_engine(settings.database.url, settings.database.schema)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from sync.job import prepare_database, sync_account
 
     settings = _settings(args)
     body = _read_input(args.input) if args.input else None
-    engine = make_engine(settings.database.url)
+    engine = _open_engine(settings)
     try:
-        prepare_database(engine, settings.database.url, args.migrate)
+        prepare_database(engine, settings.database, args.migrate)
         sync_account(settings, engine, body=body)
     finally:
         engine.dispose()
@@ -173,12 +209,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from sync.db import database_error, make_engine, migrate
+    from sync.db import database_error, migrate
 
     settings = _settings(args)
-    engine = make_engine(settings.database.url)
+    engine = _open_engine(settings)
     try:
-        before, after = migrate(engine)
+        before, after = migrate(engine, schema=settings.database.schema)
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "migrating") from exc
     finally:
@@ -188,73 +224,74 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_tables(engine: Engine) -> bool:
+    from sync.db import current_revision
+
+    if current_revision(engine) is None:
+        log.warning(
+            "the database has no ideogram-sync tables yet; run `ideogram-sync run` or `migrate`"
+        )
+        return False
+    return True
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from sync.db import current_revision, database_error, make_engine
+    from sync.db import database_error
+    from sync.output import write_runs
     from sync.runs import latest_runs
 
     if args.limit < 1:
         raise ConfigError("--limit must be 1 or more")
     settings = _settings(args)
-    engine = make_engine(settings.database.url)
+    engine = _open_engine(settings)
     try:
-        if current_revision(engine) is None:
-            print("no runs recorded yet: the database has no ideogram-sync tables")
-            return EXIT_FAILED
-        rows = latest_runs(engine, args.limit)
+        runs = latest_runs(engine, args.limit) if _require_tables(engine) else []
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "reading sync_runs") from exc
     finally:
         engine.dispose()
-    if not rows:
+    if args.format == "json":
+        write_runs(runs, "json", sys.stdout)
+    elif not runs:
         print("no runs recorded yet")
-        return EXIT_FAILED
-    print(_format_table(rows))
+    else:
+        write_runs(runs, "table", sys.stdout)
     newest: dict[str, str] = {}
-    for row in rows:
-        newest.setdefault(row.account, row.status)
-    return EXIT_OK if all(status == "success" for status in newest.values()) else EXIT_FAILED
+    for run in runs:
+        newest.setdefault(run.account, run.status)
+    healthy = bool(newest) and all(status == "success" for status in newest.values())
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
-def _format_table(rows: Sequence) -> str:  # type: ignore[type-arg]
-    headers = (
-        "ACCOUNT", "RUN", "STARTED (UTC)", "DURATION", "STATUS",
-        "SEEN", "INS", "UPD", "SAME", "DEL", "REJ", "ERROR",
-    )  # fmt: skip
-    table = [headers]
-    for r in rows:
-        duration = r.duration_seconds
-        table.append(
-            (
-                r.account,
-                str(r.id),
-                _when(r.started_at),
-                "-" if duration is None else f"{duration:.1f}s",
-                r.status,
-                str(r.datasets_seen),
-                str(r.inserted),
-                str(r.updated),
-                str(r.unchanged),
-                str(r.deleted),
-                str(r.rejected),
-                _clip(r.error or "", 100),
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    lines = [
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table
-    ]
-    return "\n".join(lines)
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
 
+    from sync.db import database_error
+    from sync.models import datasets
+    from sync.output import write_datasets
 
-def _when(value: datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    settings = _settings(args)
+    engine = _open_engine(settings)
+    query = select(datasets).order_by(datasets.c.creation_time.desc(), datasets.c.dataset_id)
+    if not args.include_deleted:
+        query = query.where(datasets.c.deleted_at.is_(None))
+    try:
+        if not _require_tables(engine):
+            write_datasets([], args.format, sys.stdout)
+            return EXIT_OK
+        with engine.connect() as conn:
+            # Streamed in chunks, so a large table is never held in memory at once.
+            result = conn.execution_options(yield_per=1000).execute(query)
+            count = write_datasets((r._mapping for r in result), args.format, sys.stdout)
+    except SQLAlchemyError as exc:
+        raise database_error(exc, settings.database.url, "reading datasets") from exc
+    finally:
+        engine.dispose()
+    log.debug("printed %d datasets", count)
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ ENV_CONFIG = "IDEOGRAM_SYNC_CONFIG"
 ENV_DATABASE_URL = "IDEOGRAM_SYNC_DATABASE_URL"
 ENV_BASE_URL = "IDEOGRAM_API_BASE_URL"
 INVALID_RECORD_POLICIES = ("skip", "fail")
+# An unquoted PostgreSQL identifier: safe to put in search_path and CREATE SCHEMA.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class DatabaseSettings:
     """Where the tables live."""
 
     url: str = "sqlite:///ideogram_sync.db"
+    # PostgreSQL only: the schema that holds every table, view and alembic_version.
+    schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Settings:
 _NUMBER = (int, float)
 # section -> key -> accepted Python types of the TOML value
 _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "database": {"url": (str,)},
+    "database": {"url": (str,), "schema": (str,)},
     "api": {
         "base_url": (str,),
         "api_key_env": (str,),
@@ -172,6 +177,11 @@ def _check_values(s: Settings, origin: str) -> None:
         )
     if not s.database.url:
         raise ConfigError(f"{origin}: database.url must not be empty")
+    if s.database.schema is not None and not _IDENTIFIER.fullmatch(s.database.schema):
+        raise ConfigError(
+            f"{origin}: database.schema must be a plain lowercase identifier (a-z, 0-9, _; "
+            f"at most 63), not {s.database.schema!r}"
+        )
 
 
 def _warn_if_readable(path: Path) -> None:

@@ -52,10 +52,15 @@ def safe_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an Engine for `url`; sessions run in UTC and SQLite waits for locks."""
+def make_engine(url: str, schema: str | None = None) -> Engine:
+    """Create an Engine for `url` (and PostgreSQL `schema`); sessions run in UTC."""
     parsed = normalize_url(url)
     backend = parsed.get_backend_name()
+    if schema and backend != "postgresql":
+        raise ConfigError(
+            f"database.schema is only supported on PostgreSQL, not {backend}; "
+            "on MariaDB/MySQL a schema is a database: name it in database.url"
+        )
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if backend == "sqlite":
         database = parsed.database
@@ -68,7 +73,11 @@ def make_engine(url: str) -> Engine:
                 )
         kwargs["connect_args"] = {"timeout": 30}
     elif backend == "postgresql":
-        kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 15}
+        options = "-c timezone=UTC"
+        if schema:
+            # Unqualified names (our tables, views, alembic_version) all resolve here.
+            options += f" -c search_path={schema}"
+        kwargs["connect_args"] = {"options": options, "connect_timeout": 15}
     elif backend in ("mysql", "mariadb"):
         kwargs["connect_args"] = {"init_command": "SET time_zone = '+00:00'", "connect_timeout": 15}
     try:
@@ -127,8 +136,13 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def migrate(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:
-    """Upgrade the database to `target`; return (revision before, revision after)."""
+def migrate(
+    engine: Engine, target: str = "head", schema: str | None = None
+) -> tuple[str | None, str | None]:
+    """Upgrade the database to `target` (creating PostgreSQL `schema` if missing)."""
+    if schema:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     before = current_revision(engine)
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), target)

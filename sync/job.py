@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync import client, redact, runs, store
-from sync.config import Settings
+from sync.config import DatabaseSettings, Settings
 from sync.db import current_revision, database_error, head_revision, migrate
 from sync.errors import InvalidRecordsError, MigrationRequired, SyncError
 from sync.records import Listing, parse_listing
@@ -40,8 +40,9 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare_database(engine: Engine, url: str, allow_migrate: bool) -> None:
+def prepare_database(engine: Engine, database: DatabaseSettings, allow_migrate: bool) -> None:
     """Bring the schema to head, or refuse with MigrationRequired when not allowed."""
+    url = database.url
     try:
         current = current_revision(engine)
         head = head_revision()
@@ -52,7 +53,7 @@ def prepare_database(engine: Engine, url: str, allow_migrate: bool) -> None:
                 f"the database is at migration {current or 'none (empty)'} but this version "
                 f"needs {head}; run `ideogram-sync migrate`, or drop --no-migrate"
             )
-        migrate(engine)
+        migrate(engine, schema=database.schema)
     except SQLAlchemyError as exc:
         raise database_error(exc, url, "checking or migrating the schema") from exc
     except SyncError:

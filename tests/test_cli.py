@@ -250,3 +250,85 @@ def test_migrate_command_on_every_backend(cli, db_url: str) -> None:
         migrate(engine)  # idempotent
     finally:
         engine.dispose()
+
+
+def test_status_json(cli, fake_api: FakeApi, sqlite_url: str) -> None:
+    import json
+
+    assert cli("--database-url", sqlite_url, "status", "--format", "json").out.strip() == "[]"
+    fake_api.datasets = [dataset("a")]
+    assert cli("--database-url", sqlite_url, "run").code == 0
+    result = cli("--database-url", sqlite_url, "status", "--format", "json")
+    assert result.code == 0
+    (run,) = json.loads(result.out)
+    assert run["account"] == "default" and run["status"] == "success"
+    assert run["inserted"] == 1 and run["error"] is None
+    assert run["started_at"].endswith("Z") and run["duration_seconds"] >= 0
+
+
+def test_datasets_command_formats(cli, fake_api: FakeApi, db_url: str) -> None:
+    import csv
+    import io
+    import json
+
+    fake_api.datasets = [dataset("a", 'Alpha, "quoted"'), dataset("b", note={"k": [1]})]
+    assert cli("--database-url", db_url, "run").code == 0
+    fake_api.datasets = [dataset("a", 'Alpha, "quoted"')]
+    assert cli("--database-url", db_url, "run").code == 0
+
+    table = cli("--database-url", db_url, "datasets")
+    assert table.code == 0
+    assert table.out.splitlines()[0].split()[:3] == ["DATASET_ID", "NAME", "USER_ID"]
+    assert len(table.out.splitlines()) == 2
+
+    as_csv = cli("--database-url", db_url, "datasets", "--format", "csv", "--include-deleted")
+    records = list(csv.DictReader(io.StringIO(as_csv.out)))
+    assert {r["dataset_id"] for r in records} == {"a", "b"}
+    a = next(r for r in records if r["dataset_id"] == "a")
+    assert a["name"] == 'Alpha, "quoted"' and a["deleted_at"] == ""
+    b = next(r for r in records if r["dataset_id"] == "b")
+    assert json.loads(b["extra"]) == {"note": {"k": [1]}} and b["deleted_at"].endswith("Z")
+
+    as_json = json.loads(cli("--database-url", db_url, "datasets", "--format", "json").out)
+    assert [d["dataset_id"] for d in as_json] == ["a"]
+    assert as_json[0]["creation_time"] == "2024-12-15T17:32:00.965408Z"
+
+
+def test_datasets_on_an_empty_database(cli, sqlite_url: str) -> None:
+    result = cli("--database-url", sqlite_url, "datasets", "--format", "json")
+    assert result.code == 0 and result.out.strip() == "[]"
+    assert "no ideogram-sync tables" in result.err
+
+
+def test_schema_option_is_postgresql_only(cli, sqlite_url: str, tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text('[database]\nschema = "ideogram"\n')
+    result = cli("--config", "s.toml", "--database-url", sqlite_url, "run", "--input", str(EXAMPLE))
+    assert result.code == 2
+    assert "only supported on PostgreSQL" in result.err
+
+
+def test_postgresql_schema_holds_everything(cli, fake_api: FakeApi, tmp_path: Path) -> None:
+    from tests.conftest import database_url_for
+
+    for url in database_url_for("postgresql", tmp_path):
+        (tmp_path / "s.toml").write_text('[database]\nschema = "ideogram"\n')
+        fake_api.datasets = [dataset("a")]
+        result = cli("--config", "s.toml", "--database-url", url, "run")
+        assert result.code == 0, result.err
+        assert cli("--config", "s.toml", "--database-url", url, "status").code == 0
+        engine = make_engine(url)
+        try:
+            inspector = sa.inspect(engine)
+            assert inspector.get_table_names(schema="public") == []
+            assert inspector.get_view_names(schema="public") == []
+            assert set(inspector.get_table_names(schema="ideogram")) == {
+                "alembic_version", "datasets", "sync_runs", "dataset_history",
+            }  # fmt: skip
+            assert set(inspector.get_view_names(schema="ideogram")) == {
+                "datasets_current", "sync_runs_latest", "sync_daily",
+            }  # fmt: skip
+        finally:
+            engine.dispose()
+        # A second run finds the schema at head and changes nothing.
+        again = cli("--config", "s.toml", "--database-url", url, "run", "--no-migrate")
+        assert again.code == 0, again.err

@@ -46,6 +46,14 @@ def test_example_config_documents_every_key() -> None:
             assert f"{key} =" in text, f"{section}.{key} is not in config.example.toml"
 
 
+def test_schema_must_be_an_identifier(tmp_path: Path) -> None:
+    ok = write(tmp_path / "ok.toml", '[database]\nschema = "ideogram_2"\n')
+    assert load_settings(ok, env={}).database.schema == "ideogram_2"
+    bad = write(tmp_path / "bad.toml", '[database]\nschema = "x; DROP TABLE y"\n')
+    with pytest.raises(ConfigError, match=r"database\.schema must be a plain lowercase identifier"):
+        load_settings(bad, env={})
+
+
 def test_precedence_file_env_cli(tmp_path: Path) -> None:
     cfg = write(
         tmp_path / "c.toml",
