@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sync import __version__
-from sync.errors import EXIT_FAILED, EXIT_OK, ConfigError, SyncError
+from sync.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    ConfigError,
+    SyncError,
+    Terminated,
+)
 from sync.redact import RedactingFilter, redact
 
 if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
@@ -22,7 +32,6 @@ if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
 
 log = logging.getLogger("sync")
 
-EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EPILOG = """\
 exit codes:
@@ -30,7 +39,9 @@ exit codes:
   1    the run failed (network, server, bad response, database)
   2    usage or configuration error (also: database behind with --no-migrate)
   3    the API rejected the key (HTTP 401/403)
-  130  interrupted (Ctrl-C)
+  5    another run of the same account holds the lock (nothing was changed)
+  130  interrupted by Ctrl-C (SIGINT); rolled back, run recorded failed
+  143  stopped by SIGTERM; rolled back, run recorded failed
 
 environment: IDEOGRAM_API_KEY, IDEOGRAM_SYNC_DATABASE_URL, IDEOGRAM_API_BASE_URL,
 IDEOGRAM_SYNC_CONFIG. Docs: README.md and docs/ in the project."""
@@ -85,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="migrate",
         action="store_false",
         help="do not apply pending migrations; exit 2 if the database is behind",
+    )
+    run.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="let this run soft-delete more than sync.max_delete_fraction of the datasets",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -146,14 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.verbose)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    previous = _on_sigterm_raise()
     try:
         return handler(args)
     except SyncError as exc:
         log.error("%s failed: %s", args.command, exc, exc_info=args.verbose)
         return exc.exit_code
     except KeyboardInterrupt:
-        log.error("%s interrupted", args.command)
+        log.error("%s interrupted (Ctrl-C); any open transaction was rolled back", args.command)
         return EXIT_INTERRUPTED
+    except Terminated:
+        log.error("%s stopped by SIGTERM; any open transaction was rolled back", args.command)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a message.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -169,6 +189,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             exc_info=args.verbose,
         )
         return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm_raise() -> signal.Handlers | Callable[..., object] | int | None:
+    """Make SIGTERM unwind like Ctrl-C (rollback, run recorded), returning the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -200,7 +234,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     engine = _open_engine(settings)
     try:
         prepare_database(engine, settings.database, args.migrate)
-        sync_account(settings, engine, body=body)
+        sync_account(settings, engine, body=body, allow_mass_delete=args.allow_mass_delete)
     finally:
         engine.dispose()
     return EXIT_OK

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from http import HTTPStatus
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -51,7 +53,34 @@ def make_session(api: ApiSettings, api_key: str) -> requests.Session:
 
 
 def fetch_datasets(session: requests.Session, api: ApiSettings) -> bytes:
-    """GET /datasets and return the raw 200 body; raise ApiError/AuthError/ResponseError."""
+    """GET /datasets within api.deadline_seconds; raise ApiError/AuthError/ResponseError."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["body"] = _fetch(session, api)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    # Timeouts bound each read, not a server that trickles bytes forever or a
+    # long retry chain; a watcher thread bounds the whole fetch. Daemonic, so a
+    # stuck socket never keeps the process alive after we give up on it.
+    worker = threading.Thread(target=work, name="ideogram-fetch", daemon=True)
+    worker.start()
+    worker.join(api.deadline_seconds)
+    if worker.is_alive():
+        raise ApiError(
+            f"the Ideogram API did not deliver the listing within api.deadline_seconds "
+            f"({api.deadline_seconds:g}s); it may be overloaded or the network is slow. "
+            "The next run will try again"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    body: bytes = outcome["body"]
+    return body
+
+
+def _fetch(session: requests.Session, api: ApiSettings) -> bytes:
     url = api.base_url + DATASETS_PATH
     attempts = f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
     try:

@@ -50,6 +50,8 @@ class ApiSettings:
     max_retries: int = 5
     backoff_factor: float = 1.0
     max_response_bytes: int = 256 * 1024 * 1024
+    # The whole fetch, retries and a trickling body included, ends by then.
+    deadline_seconds: float = 300.0
 
     def key(self) -> str:
         """Return the API key, from the environment, `api_key_file` or the file's `api_key`."""
@@ -78,6 +80,9 @@ class SyncOptions:
     """How a sync treats what it receives."""
 
     on_invalid_record: str = "skip"
+    lock_ttl_seconds: float = 600.0
+    # None: off. Else the largest share of active datasets one run may soft-delete.
+    max_delete_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,13 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "max_retries": (int,),
         "backoff_factor": _NUMBER,
         "max_response_bytes": (int,),
+        "deadline_seconds": _NUMBER,
     },
-    "sync": {"on_invalid_record": (str,)},
+    "sync": {
+        "on_invalid_record": (str,),
+        "lock_ttl_seconds": _NUMBER,
+        "max_delete_fraction": _NUMBER,
+    },
 }
 
 
@@ -168,6 +178,13 @@ def _check_values(s: Settings, origin: str) -> None:
         raise ConfigError(f"{origin}: api.backoff_factor must be 0 or more")
     if api.max_response_bytes <= 0:
         raise ConfigError(f"{origin}: api.max_response_bytes must be greater than 0")
+    if api.deadline_seconds <= 0:
+        raise ConfigError(f"{origin}: api.deadline_seconds must be greater than 0")
+    if s.sync.lock_ttl_seconds < 5:
+        raise ConfigError(f"{origin}: sync.lock_ttl_seconds must be at least 5")
+    fraction = s.sync.max_delete_fraction
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ConfigError(f"{origin}: sync.max_delete_fraction must be between 0 and 1")
     if not api.api_key_env:
         raise ConfigError(f"{origin}: api.api_key_env must not be empty")
     if s.sync.on_invalid_record not in INVALID_RECORD_POLICIES:
@@ -230,9 +247,15 @@ def load_settings(
         api["api_key_file"] = Path(api["api_key_file"]).expanduser()
     if "base_url" in api:
         api["base_url"] = api["base_url"].rstrip("/")
-    for name in ("timeout_seconds", "backoff_factor"):
-        if name in api:
-            api[name] = float(api[name])
+    for section, name in (
+        (api, "timeout_seconds"),
+        (api, "backoff_factor"),
+        (api, "deadline_seconds"),
+        (sync_opts, "lock_ttl_seconds"),
+        (sync_opts, "max_delete_fraction"),
+    ):
+        if name in section:
+            section[name] = float(section[name])
 
     settings = Settings(
         database=DatabaseSettings(**db),

@@ -145,11 +145,29 @@ def migrate(
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     before = current_revision(engine)
     with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), target)
+        _serialize_migrations(connection)
+        try:
+            command.upgrade(alembic_config(connection), target)
+        finally:
+            if connection.dialect.name in ("mysql", "mariadb"):
+                connection.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_migrate')")
     after = current_revision(engine)
     if before != after:
         log.info("migrated database from %s to %s", before or "empty", after)
     return before, after
+
+
+def _serialize_migrations(connection: Connection) -> None:
+    # Two processes starting on a new database must not both create the tables:
+    # the second waits here, then Alembic sees the first one's version and does nothing.
+    # (SQLite needs nothing: BEGIN IMMEDIATE already serializes writers.)
+    name = connection.dialect.name
+    if name == "postgresql":
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470021)")
+    elif name in ("mysql", "mariadb"):
+        got = connection.exec_driver_sql("SELECT GET_LOCK('ideogram_sync_migrate', 120)").scalar()
+        if got != 1:
+            raise DatabaseError("timed out waiting for another process to finish migrating")
 
 
 def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseError:

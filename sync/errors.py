@@ -6,6 +6,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
+EXIT_LOCKED = 5
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class SyncError(Exception):
@@ -46,3 +49,21 @@ class InvalidRecordsError(SyncError):
 
 class DatabaseError(SyncError):
     """The database could not be reached or refused a statement (exit 1)."""
+
+
+class LockHeld(SyncError):
+    """Another live run holds this account's lease lock (exit 5)."""
+
+    exit_code = EXIT_LOCKED
+
+
+class LockLost(SyncError):
+    """The lease expired and another run took it over before this one committed (exit 1)."""
+
+
+class MassDeleteRefused(SyncError):
+    """The listing would soft-delete more than sync.max_delete_fraction (exit 1)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; a BaseException so that no `except Exception` swallows it (exit 143)."""

@@ -14,7 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sync import client, redact, runs, store
 from sync.config import DatabaseSettings, Settings
 from sync.db import current_revision, database_error, head_revision, migrate
-from sync.errors import InvalidRecordsError, MigrationRequired, SyncError
+from sync.errors import InvalidRecordsError, MigrationRequired, SyncError, Terminated
+from sync.lock import Lease
 from sync.records import Listing, parse_listing
 from sync.store import Counts
 
@@ -70,35 +71,35 @@ def sync_account(
     engine: Engine,
     *,
     body: bytes | None = None,
+    allow_mass_delete: bool = False,
     clock: Callable[[], datetime] = utc_now,
 ) -> RunResult:
-    """Sync one account: record a run, fetch (or use `body`), apply, commit with the run row."""
+    """Sync one account under its lease: record a run, fetch (or use `body`), apply, commit."""
     account = settings.account
     url = settings.database.url
     started = time.monotonic()
+    lease = Lease(engine, account, settings.sync.lock_ttl_seconds, clock)
     try:
-        run_id = runs.start_run(engine, account, clock())
+        lease.acquire()
     except SQLAlchemyError as exc:
-        raise database_error(exc, url, "recording the start of the run") from exc
-    log.info("run %d started for account %s", run_id, account)
-
-    listing: Listing | None = None
+        raise database_error(exc, url, "taking the lock of the account") from exc
     try:
-        if body is None:
-            session = client.make_session(settings.api, settings.api.key())
-            with session:
-                body = client.fetch_datasets(session, settings.api)
-        listing = parse_listing(body)
-        _report(listing, settings.sync.on_invalid_record)
         try:
-            with engine.begin() as conn:
-                counts = store.apply(conn, account, listing, run_id, clock())
-                runs.finish_run(conn, run_id, counts, clock())
+            run_id = runs.start_run(engine, account, clock())
+            orphans = runs.abandon_orphans(engine, account, run_id, clock())
         except SQLAlchemyError as exc:
-            raise database_error(exc, url, "writing the datasets") from exc
-    except BaseException as exc:
-        _record_failure(engine, url, run_id, exc, listing, clock)
-        raise
+            raise database_error(exc, url, "recording the start of the run") from exc
+        if orphans:
+            log.warning(
+                "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
+                ", ".join(map(str, orphans)),
+                account,
+            )
+        log.info("run %d started for account %s", run_id, account)
+        fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
+        counts = _run(settings, engine, lease, run_id, body, fraction, clock)
+    finally:
+        lease.release()
     duration = time.monotonic() - started
     log.info(
         "run %d succeeded for account %s in %.2fs: seen=%d inserted=%d updated=%d "
@@ -114,6 +115,40 @@ def sync_account(
         counts.rejected,
     )
     return RunResult(run_id=run_id, account=account, counts=counts, duration_seconds=duration)
+
+
+def _run(
+    settings: Settings,
+    engine: Engine,
+    lease: Lease,
+    run_id: int,
+    body: bytes | None,
+    max_delete_fraction: float | None,
+    clock: Callable[[], datetime],
+) -> Counts:
+    url = settings.database.url
+    listing: Listing | None = None
+    try:
+        if body is None:
+            session = client.make_session(settings.api, settings.api.key())
+            with session:
+                body = client.fetch_datasets(session, settings.api)
+        listing = parse_listing(body)
+        _report(listing, settings.sync.on_invalid_record)
+        try:
+            with engine.begin() as conn:
+                # Fencing: if our lease was taken over, this raises and rolls back.
+                lease.check(conn)
+                counts = store.apply(
+                    conn, settings.account, listing, run_id, clock(), max_delete_fraction
+                )
+                runs.finish_run(conn, run_id, counts, clock())
+        except SQLAlchemyError as exc:
+            raise database_error(exc, url, "writing the datasets") from exc
+    except BaseException as exc:
+        _record_failure(engine, url, run_id, exc, listing, clock)
+        raise
+    return counts
 
 
 def _report(listing: Listing, policy: str) -> None:
@@ -144,7 +179,9 @@ def _record_failure(
     if isinstance(exc, SyncError):
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
-        message = "interrupted"
+        message = "interrupted (Ctrl-C / SIGINT)"
+    elif isinstance(exc, Terminated):
+        message = "interrupted (SIGTERM)"
     else:
         message = f"internal error: {type(exc).__name__}: {exc}"
     counts = Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()

@@ -143,6 +143,18 @@ CHANGE_UPDATE = "update"
 CHANGE_DELETE = "delete"
 CHANGE_RESTORE = "restore"
 
+# One row per account while a run holds its lease (see sync/lock.py).
+sync_locks = Table(
+    "sync_locks",
+    metadata,
+    Column("account", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("acquired_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE_ARGS,
+)
+
 RUN_RUNNING = "running"
 RUN_SUCCESS = "success"
 RUN_FAILED = "failed"
+RUN_ABANDONED = "abandoned"

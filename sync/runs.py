@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from sync.models import RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, sync_runs
+from sync.models import RUN_ABANDONED, RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, sync_runs
 from sync.store import Counts
 
 # Long errors are cut so one bad response cannot bloat the run table.
@@ -52,6 +52,38 @@ def start_run(engine: Engine, account: str, now: datetime) -> int:
             )
         )
         return int(result.inserted_primary_key[0])
+
+
+ABANDONED_REASON = (
+    "abandoned: the process running it stopped before finishing (killed, crashed or the "
+    "machine went down); its changes were rolled back. Found by run {run_id}"
+)
+
+
+def abandon_orphans(engine: Engine, account: str, found_by: int, now: datetime) -> list[int]:
+    """Mark the account's other `running` rows abandoned; call only while holding its lock."""
+    with engine.begin() as conn:
+        orphans = [
+            row.id
+            for row in conn.execute(
+                select(sync_runs.c.id).where(
+                    sync_runs.c.account == account,
+                    sync_runs.c.status == RUN_RUNNING,
+                    sync_runs.c.id != found_by,
+                )
+            )
+        ]
+        if orphans:
+            conn.execute(
+                update(sync_runs)
+                .where(sync_runs.c.id.in_(orphans), sync_runs.c.status == RUN_RUNNING)
+                .values(
+                    status=RUN_ABANDONED,
+                    finished_at=now,
+                    error=ABANDONED_REASON.format(run_id=found_by),
+                )
+            )
+    return orphans
 
 
 def finish_run(conn: Connection, run_id: int, counts: Counts, now: datetime) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
+from sync.errors import MassDeleteRefused
 from sync.models import (
     CHANGE_DELETE,
     CHANGE_INSERT,
@@ -61,7 +62,14 @@ class _Stored:
     deleted: bool
 
 
-def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: datetime) -> Counts:
+def apply(
+    conn: Connection,
+    account: str,
+    listing: Listing,
+    run_id: int,
+    now: datetime,
+    max_delete_fraction: float | None = None,
+) -> Counts:
     """Bring `datasets` (and its history) in line with `listing`, writing only what changed."""
     stored = _load(conn)
     changed: list[dict[str, Any]] = []
@@ -86,6 +94,7 @@ def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: da
         versions.append(_version(values, change, run_id, now))
 
     gone = _gone(stored, account, listing)
+    _guard_mass_delete(stored, account, len(gone), max_delete_fraction)
     for dataset_id in gone:
         old = stored[dataset_id]
         values = {"dataset_id": dataset_id, "account": old.account}
@@ -104,6 +113,21 @@ def apply(conn: Connection, account: str, listing: Listing, run_id: int, now: da
         deleted=len(gone),
         rejected=len(listing.rejects),
     )
+
+
+def _guard_mass_delete(
+    stored: dict[str, _Stored], account: str, deleting: int, fraction: float | None
+) -> None:
+    if fraction is None or not deleting:
+        return
+    active = sum(1 for old in stored.values() if old.account == account and not old.deleted)
+    if deleting / active > fraction:
+        raise MassDeleteRefused(
+            f"this listing would soft-delete {deleting} of {active} active datasets of account "
+            f"{account} ({deleting / active:.0%}, more than sync.max_delete_fraction = "
+            f"{fraction:.0%}); nothing was changed. If the datasets really are gone, run once "
+            "with `ideogram-sync run --allow-mass-delete`"
+        )
 
 
 def _version(values: dict[str, Any], change: str, run_id: int, now: datetime) -> dict[str, Any]:
