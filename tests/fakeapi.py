@@ -22,6 +22,8 @@ class Reply:
     delay: float = 0.0
     # Send fewer body bytes than Content-Length promises, then close.
     truncate_to: int | None = None
+    # Seconds between body bytes: a server that trickles its answer.
+    trickle: float = 0.0
 
     def encoded(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -49,6 +51,8 @@ class FakeApi:
         self.requests: list[Seen] = []
         self.times: list[float] = []
         self._lock = threading.Lock()
+        # While set to an unset Event, requests wait (up to a minute) before any answer.
+        self.gate: threading.Event | None = None
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,6 +92,9 @@ class FakeApi:
             self.requests.append(Seen("GET", handler.path, dict(handler.headers.items())))
             self.times.append(time.monotonic())
         reply = self._next() if handler.path.split("?")[0] == "/datasets" else Reply(404)
+        gate = self.gate
+        if gate is not None:
+            gate.wait(60)
         if reply.delay:
             time.sleep(reply.delay)
         body = reply.encoded()
@@ -100,14 +107,24 @@ class FakeApi:
             handler.send_header("Connection", "close")
         handler.end_headers()
         try:
-            handler.wfile.write(body if reply.truncate_to is None else body[: reply.truncate_to])
-            handler.wfile.flush()
+            if reply.trickle:
+                for i in range(len(body)):
+                    handler.wfile.write(body[i : i + 1])
+                    handler.wfile.flush()
+                    time.sleep(reply.trickle)
+            else:
+                handler.wfile.write(
+                    body if reply.truncate_to is None else body[: reply.truncate_to]
+                )
+                handler.wfile.flush()
         except OSError:
             pass
         if reply.truncate_to is not None:
             handler.close_connection = True
 
     def close(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
         self.server.shutdown()
         self.server.server_close()
 
