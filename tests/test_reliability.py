@@ -248,12 +248,25 @@ def test_sigterm_while_waiting_for_the_api(fake_api: FakeApi, synced: str, tmp_p
     assert (last["status"], last["error"]) == ("failed", "interrupted (SIGTERM)")
 
 
+@pytest.fixture(params=["postgresql", "mysql"])
+def server_synced(
+    request: pytest.FixtureRequest, cli, fake_api: FakeApi, tmp_path: Path
+) -> Iterator[str]:
+    """Like `synced`, on the database servers only: SQLite has no connection to drop."""
+    from tests.conftest import database_url_for
+
+    for url in database_url_for(request.param, tmp_path):
+        fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
+        assert cli("--database-url", url, "run").code == 0
+        fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
+        yield url
+
+
 def test_database_connection_dropped_mid_write(
-    fake_api: FakeApi, synced: str, tmp_path: Path
+    fake_api: FakeApi, server_synced: str, tmp_path: Path
 ) -> None:
+    synced = server_synced
     backend = sa.make_url(synced).get_backend_name()
-    if backend == "sqlite":
-        pytest.skip("an embedded SQLite file has no connection to drop (root ignores file modes)")
     before = data(synced)
     marker, resume = tmp_path / "paused", tmp_path / "resume"
     env = env_for(fake_api, synced, PAUSE_MARKER=str(marker), PAUSE_RESUME=str(resume))
