@@ -23,7 +23,7 @@ from sync.errors import (
     SyncError,
     Terminated,
 )
-from sync.redact import RedactingFilter, redact
+from sync.redact import RedactingFilter, install_record_factory, redact
 
 if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
     from sqlalchemy import Engine
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(level: str, verbose: bool) -> None:
     """Send log records to stderr, one line each, UTC timestamps, secrets masked."""
+    install_record_factory()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_ideogram_sync", False):
@@ -212,12 +213,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _read_input(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
     try:
+        if path == "-":
+            return sys.stdin.buffer.read()
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read --input {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read --input {path}: {exc.strerror or exc}") from None
 
 
 def _open_engine(settings: Settings) -> Engine:

@@ -1,6 +1,8 @@
-"""The tool's exceptions; each carries the process exit code it maps to."""
+"""The tool's exceptions; each carries the process exit code it maps to, and no secret."""
 
 from __future__ import annotations
+
+from sync.redact import redact
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -15,6 +17,10 @@ class SyncError(Exception):
     """Base for every failure the tool reports as one line; exit code 1 unless overridden."""
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str) -> None:
+        # Messages quote servers and drivers, which may echo a secret back.
+        super().__init__(redact(message))
 
 
 class ConfigError(SyncError):

@@ -43,3 +43,26 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact(formatter.formatException(record.exc_info))
             record.exc_info = None
         return True
+
+
+_factory_installed = False
+
+
+def install_record_factory() -> None:
+    """Mask secrets in every log record as it is created, before any handler sees it."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if _secrets:
+            message = record.getMessage()
+            clean = redact(message)
+            if clean != message:
+                record.msg, record.args = clean, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True

@@ -1,0 +1,289 @@
+"""The SQL in docs/schema.md runs, and answers right, on every backend it is written for."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from sync.db import make_engine
+from tests.conftest import rows
+from tests.fakeapi import FakeApi, Reply, dataset
+
+SCHEMA_DOC = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
+DIALECTS = frozenset({"sqlite", "postgresql", "mysql"})
+
+WEEKLY = "Datasets created per week"
+PER_USER = "Current datasets per user"
+PER_DAY = "Changes per day"
+FRESHNESS = "Freshness of the last successful sync"
+COVER = "Datasets whose cover changed"
+EXAMPLES = (WEEKLY, PER_USER, PER_DAY, FRESHNESS, COVER)
+AS_OF = "State as of a moment"
+EXTRA = "Reading a field of `extra`"
+
+# Session zones other than UTC. Whatever the time of day, one of the two puts the
+# moment on another calendar date, so a query that cuts days in the session's zone
+# gives another answer in one of them.
+OTHER_ZONES = {"postgresql": ("Etc/GMT+12", "Etc/GMT-13"), "mysql": ("-12:00", "+13:00")}
+
+RunCli = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced SQL block of the document and the heading it sits under."""
+
+    heading: str
+    dialects: frozenset[str]
+    sql: str
+    line: int
+
+
+def sql_blocks(text: str) -> list[Block]:
+    """Every fenced block whose info string starts with `sql`, with its nearest heading."""
+    blocks: list[Block] = []
+    heading = ""
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("```"):
+            info = line[3:].strip()
+            start = index + 1
+            index += 1
+            while index < len(lines) and lines[index].rstrip() != "```":
+                index += 1
+            assert index < len(lines), f"docs/schema.md:{start}: the code block is never closed"
+            words = info.split()
+            if words and words[0] == "sql":
+                blocks.append(
+                    Block(heading, frozenset(words[1:]), "\n".join(lines[start:index]), start)
+                )
+        elif line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        index += 1
+    return blocks
+
+
+def doc_blocks() -> list[Block]:
+    return sql_blocks(SCHEMA_DOC.read_text(encoding="utf-8"))
+
+
+def backend_of(url: str) -> str:
+    """The fixture's backend, as the document names dialects."""
+    name = make_url(url).get_backend_name()
+    return "mysql" if name == "mariadb" else name
+
+
+def query(url: str, sql: str, zone: str | None = None) -> list[dict[str, Any]]:
+    """Run `sql` through the tool's engine (a UTC session unless `zone` is given)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if zone is not None:
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET TIME ZONE '{zone}'")
+                else:
+                    conn.exec_driver_sql(f"SET time_zone = '{zone}'")
+            return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
+    finally:
+        engine.dispose()
+
+
+def the_query(blocks: list[Block], heading: str, backend: str) -> str:
+    (block,) = [b for b in blocks if b.heading == heading and backend in b.dialects]
+    return block.sql
+
+
+def utc(value: Any) -> datetime:
+    """A timestamp as the driver returned it (aware, naive UTC or SQLite text), as aware UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime), value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def day_text(value: Any) -> str:
+    """A DATE (PostgreSQL, MariaDB) or `YYYY-MM-DD` text (SQLite) as `YYYY-MM-DD`."""
+    return str(value)[:10]
+
+
+# Six datasets, then: a renamed, c gets a cover, g added (run 2); c's cover type
+# changes, d renamed, f's unmodelled cover sub-field changes, b and e vanish (run 3);
+# b comes back as it was (run 4); nothing changes (run 5); the API refuses the key (run 6).
+_CREATED = {
+    "a": "2025-01-06T03:00:00Z",  # Monday in UTC, still Sunday west of UTC
+    "b": "2025-01-05T12:00:00Z",
+    "c": "2025-01-12T23:30:00Z",  # Sunday in UTC, already Monday east of UTC
+    "d": "2025-01-13T00:00:00Z",
+    "e": "2025-01-13T10:00:00+02:00",
+    "f": "2024-12-31T23:59:59.999999Z",
+    "g": "2025-01-19T23:59:59Z",
+}
+_USER = {"a": "user-1", "b": "user-1", "f": "user-1", "c": "user-2", "d": "user-2"}
+
+
+def _ds(dataset_id: str, name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    return dataset(
+        dataset_id,
+        name,
+        user_id=_USER.get(dataset_id, "user-3"),
+        created=_CREATED[dataset_id],
+        **kwargs,
+    )
+
+
+def listings() -> list[list[dict[str, Any]]]:
+    a2 = _ds("a", "A2")
+    c2 = _ds("c", cover={"asset_type": "RESPONSE", "asset_id": "cov-c"})
+    c3 = _ds("c", cover={"asset_type": "IMAGE", "asset_id": "cov-c"})
+    d1 = _ds("d", cover=None)
+    d2 = _ds("d", "D2", cover=None)
+    f1 = _ds("f", cover={"asset_type": "RESPONSE", "asset_id": "cov-f", "width": 1})
+    f2 = _ds("f", cover={"asset_type": "RESPONSE", "asset_id": "cov-f", "width": 2})
+    return [
+        [_ds("a"), _ds("b"), _ds("c", cover=None), d1, _ds("e"), f1],
+        [a2, _ds("b"), c2, d1, _ds("e"), f1, _ds("g")],
+        [a2, c3, d2, f2, _ds("g")],
+        [a2, _ds("b"), c3, d2, f2, _ds("g")],
+        [a2, _ds("b"), c3, d2, f2, _ds("g")],
+    ]
+
+
+@pytest.fixture
+def synced(cli: RunCli, fake_api: FakeApi, db_url: str) -> str:
+    """`db_url`, filled by real syncs of the listings above and one failed run."""
+    for listing in listings():
+        fake_api.datasets = listing
+        result = cli("--database-url", db_url, "run")
+        assert result.code == 0, result.output
+    fake_api.push(Reply(401))
+    assert cli("--database-url", db_url, "run").code == 3
+    statuses = [r["status"] for r in rows(db_url, "sync_runs", order="id")]
+    assert statuses == ["success"] * 5 + ["failed"]
+    return db_url
+
+
+def test_document_has_every_example_for_every_dialect() -> None:
+    text = SCHEMA_DOC.read_text(encoding="utf-8")
+    blocks = sql_blocks(text)
+    assert not re.search(r"^```sql\s*$", text, re.MULTILINE), "a sql block names no dialect"
+    for block in blocks:
+        where = f"docs/schema.md:{block.line}"
+        assert block.dialects, f"{where}: the block names no dialect"
+        assert block.dialects <= DIALECTS, f"{where}: unknown dialect(s) {block.dialects}"
+        assert block.sql.strip(), f"{where}: the block is empty"
+    headings = {b.heading for b in blocks}
+    for heading in headings:
+        under = [b.dialects for b in blocks if b.heading == heading]
+        covered = [d for dialects in under for d in dialects]
+        assert len(covered) == len(set(covered)), f"{heading}: a dialect has two queries"
+    for heading in EXAMPLES:
+        assert f"\n### {heading}\n" in text, f"no `### {heading}` heading"
+        covered = set().union(*[b.dialects for b in blocks if b.heading == heading])
+        assert covered == DIALECTS, f"{heading}: no query for {sorted(DIALECTS - covered)}"
+    for heading in (AS_OF, EXTRA):
+        covered = set().union(*[b.dialects for b in blocks if b.heading == heading])
+        assert covered == DIALECTS, f"{heading}: no query for {sorted(DIALECTS - covered)}"
+
+
+def test_every_query_runs_and_returns_rows(synced: str) -> None:
+    backend = backend_of(synced)
+    mine = [b for b in doc_blocks() if backend in b.dialects]
+    assert {b.heading for b in mine} >= set(EXAMPLES)
+    for block in mine:
+        try:
+            result = query(synced, block.sql)
+        except sa.exc.DBAPIError as exc:
+            pytest.fail(f"docs/schema.md:{block.line} ({block.heading}) fails on {backend}: {exc}")
+        assert result, f"docs/schema.md:{block.line} ({block.heading}) returned no rows"
+
+
+def test_query_results_are_right(synced: str) -> None:
+    backend = backend_of(synced)
+    blocks = doc_blocks()
+
+    def run(heading: str) -> list[dict[str, Any]]:
+        return query(synced, the_query(blocks, heading, backend))
+
+    weekly = {day_text(r["week_start"]): int(r["n_datasets"]) for r in run(WEEKLY)}
+    assert weekly == {"2024-12-30": 2, "2025-01-06": 2, "2025-01-13": 3}
+
+    per_user = {r["user_id"]: int(r["n_datasets"]) for r in run(PER_USER)}
+    current = Counter(r["user_id"] for r in query(synced, "SELECT * FROM datasets_current"))
+    assert per_user == dict(current) == {"user-1": 3, "user-2": 2, "user-3": 1}
+
+    history = rows(synced, "dataset_history", order="id")
+    expected_days = Counter((v["valid_from"].date().isoformat(), v["change_type"]) for v in history)
+    per_day = {
+        (day_text(r["change_day"]), r["change_type"]): int(r["n_changes"]) for r in run(PER_DAY)
+    }
+    assert per_day == dict(expected_days)
+    totals = Counter[str]()
+    for (_day, change_type), n in per_day.items():
+        totals[change_type] += n
+    assert totals == {"insert": 7, "update": 5, "delete": 2, "restore": 1}
+    current_versions = Counter(v["dataset_id"] for v in history if v["valid_to"] is None)
+    assert current_versions == dict.fromkeys("abcdefg", 1)
+
+    (fresh,) = run(FRESHNESS)
+    runs = rows(synced, "sync_runs", order="id")
+    last_success = max(r["finished_at"] for r in runs if r["status"] == "success")
+    assert (fresh["account"], fresh["last_run_status"]) == ("default", "failed")
+    assert utc(fresh["last_run_finished_at"]) == runs[-1]["finished_at"]
+    assert utc(fresh["last_success_at"]) == last_success
+    assert 0 <= fresh["seconds_since_success"] < 600
+    assert fresh["freshness"] == "fresh"
+
+    covers = [
+        (
+            r["dataset_id"],
+            r["change_type"],
+            r["prev_cover_asset_type"],
+            r["prev_cover_asset_id"],
+            r["cover_asset_type"],
+            r["cover_asset_id"],
+        )
+        for r in run(COVER)
+    ]
+    assert covers == [
+        ("c", "update", None, None, "RESPONSE", "cov-c"),
+        ("c", "update", "RESPONSE", "cov-c", "IMAGE", "cov-c"),
+    ]
+
+    as_of = {r["dataset_id"]: r["name"] for r in run(AS_OF)}
+    assert as_of == {d["dataset_id"]: d["name"] for d in listings()[2]}
+    assert as_of["a"] == "A2" and as_of["d"] == "D2" and "b" not in as_of
+
+    assert [r["dataset_id"] for r in run(EXTRA)] == ["f"]
+
+
+def test_answers_do_not_depend_on_the_session_time_zone(synced: str) -> None:
+    backend = backend_of(synced)
+    if backend == "sqlite":
+        pytest.skip("SQLite has no session time zone")
+    for block in (b for b in doc_blocks() if backend in b.dialects):
+        in_utc = query(synced, block.sql)
+        for zone in OTHER_ZONES[backend]:
+            elsewhere = query(synced, block.sql, zone)
+            where = f"docs/schema.md:{block.line} ({block.heading}) in zone {zone}"
+            assert len(elsewhere) == len(in_utc), where
+            for here, there in zip(in_utc, elsewhere, strict=True):
+                # The clock moves between the two queries: ages may differ by a second or so.
+                ages = {k for k in here if k.startswith("seconds_") or k.endswith("_seconds")}
+                for key in ages:
+                    assert abs(here[key] - there[key]) < 5, f"{where}: {key}"
+                assert _without(there, ages) == _without(here, ages), where
+
+
+def _without(row: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in keys}
