@@ -8,22 +8,28 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sync import __version__
+from sync.config import parse_duration
 from sync.errors import (
+    EXIT_AUTH,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_LOCKED,
     EXIT_OK,
+    EXIT_STALE,
     EXIT_TERMINATED,
+    EXIT_USAGE,
     ConfigError,
     SyncError,
     Terminated,
 )
-from sync.redact import RedactingFilter, install_record_factory, redact
+from sync.logs import configure_logging
+from sync.redact import redact
 
 if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
     from sqlalchemy import Engine
@@ -39,19 +45,13 @@ exit codes:
   1    the run failed (network, server, bad response, database)
   2    usage or configuration error (also: database behind with --no-migrate)
   3    the API rejected the key (HTTP 401/403)
+  4    status --max-age: an account's last success is too old, or its last run failed
   5    another run of the same account holds the lock (nothing was changed)
   130  interrupted by Ctrl-C (SIGINT); rolled back, run recorded failed
   143  stopped by SIGTERM; rolled back, run recorded failed
 
 environment: IDEOGRAM_API_KEY, IDEOGRAM_SYNC_DATABASE_URL, IDEOGRAM_API_BASE_URL,
 IDEOGRAM_SYNC_CONFIG. Docs: README.md and docs/ in the project."""
-
-
-class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", self.converter(record.created))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level for messages on stderr (default: INFO)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines for people (default) or one JSON object per line for log collectors",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="show tracebacks on errors (and DEBUG logs)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -96,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="migrate",
         action="store_false",
         help="do not apply pending migrations; exit 2 if the database is behind",
+    )
+    run.add_argument(
+        "--account",
+        action="append",
+        metavar="NAME",
+        help="sync only this configured account (repeatable; default: every account)",
     )
     run.add_argument(
         "--allow-mass-delete",
@@ -121,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="table for people (default), json for machines",
     )
+    status.add_argument(
+        "--max-age",
+        metavar="DURATION",
+        help="exit 4 when an account's last success is older (e.g. 90m, 2h) or its last run failed",
+    )
     status.set_defaults(handler=_cmd_status)
 
     shown = commands.add_parser("datasets", help="print the synced datasets")
@@ -139,29 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str, verbose: bool) -> None:
-    """Send log records to stderr, one line each, UTC timestamps, secrets masked."""
-    install_record_factory()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_ideogram_sync", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._ideogram_sync = True  # type: ignore[attr-defined]
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.addFilter(RedactingFilter())
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else getattr(logging, level))
-    # Library chatter stays out unless asked for; urllib3's retry warnings are kept.
-    for noisy in ("alembic", "sqlalchemy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ideogram-sync` and `python -m sync`; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, args.verbose)
+    configure_logging(args.log_level, args.verbose, args.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
     previous = _on_sigterm_raise()
     try:
@@ -227,18 +226,36 @@ def _open_engine(settings: Settings) -> Engine:
     return make_engine(settings.database.url, settings.database.schema)
 
 
+# Which exit code wins when accounts end differently: the one that needs a person most.
+_SEVERITY = {EXIT_OK: 0, EXIT_LOCKED: 1, EXIT_FAILED: 2, EXIT_AUTH: 3, EXIT_USAGE: 4}
+
+
+def worst_exit_code(codes: Sequence[int]) -> int:
+    """The most severe of several accounts' exit codes (config > auth > failed > locked > ok)."""
+    return max(codes, key=lambda code: _SEVERITY.get(code, 2), default=EXIT_OK)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sync.job import prepare_database, sync_account
+    from sync.job import prepare_database, sync_accounts
 
     settings = _settings(args)
+    accounts = (
+        [settings.account(name) for name in dict.fromkeys(args.account)]
+        if args.account
+        else list(settings.accounts)
+    )
+    if args.input and len(accounts) > 1:
+        raise ConfigError("--input holds one account's listing: name it with --account NAME")
     body = _read_input(args.input) if args.input else None
     engine = _open_engine(settings)
     try:
         prepare_database(engine, settings.database, args.migrate)
-        sync_account(settings, engine, body=body, allow_mass_delete=args.allow_mass_delete)
+        outcomes = sync_accounts(
+            settings, accounts, engine, body=body, allow_mass_delete=args.allow_mass_delete
+        )
     finally:
         engine.dispose()
-    return EXIT_OK
+    return worst_exit_code([o.error.exit_code if o.error else EXIT_OK for o in outcomes])
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -275,14 +292,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from sync.db import database_error
     from sync.output import write_runs
-    from sync.runs import latest_runs
+    from sync.runs import last_success_by_account, latest_runs
 
     if args.limit < 1:
         raise ConfigError("--limit must be 1 or more")
+    max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
     settings = _settings(args)
     engine = _open_engine(settings)
     try:
-        runs = latest_runs(engine, args.limit) if _require_tables(engine) else []
+        has_tables = _require_tables(engine)
+        runs = latest_runs(engine, args.limit) if has_tables else []
+        successes = last_success_by_account(engine) if has_tables else {}
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "reading sync_runs") from exc
     finally:
@@ -296,8 +316,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
     newest: dict[str, str] = {}
     for run in runs:
         newest.setdefault(run.account, run.status)
-    healthy = bool(newest) and all(status == "success" for status in newest.values())
-    return EXIT_OK if healthy else EXIT_FAILED
+    if max_age is None:
+        healthy = bool(newest) and all(status == "success" for status in newest.values())
+        return EXIT_OK if healthy else EXIT_FAILED
+    problems = stale_accounts(
+        [a.name for a in settings.accounts], newest, successes, max_age, datetime.now(UTC)
+    )
+    for problem in problems:
+        log.warning("stale: %s", problem)
+    return EXIT_STALE if problems else EXIT_OK
+
+
+def stale_accounts(
+    accounts: Sequence[str],
+    newest_status: dict[str, str],
+    last_success: dict[str, datetime],
+    max_age_seconds: float,
+    now: datetime,
+) -> list[str]:
+    """Why each configured (or recorded) account is not fresh; empty when all are."""
+    problems = []
+    for account in sorted(set(accounts) | set(newest_status)):
+        success = last_success.get(account)
+        if newest_status.get(account) not in (None, "success", "running"):
+            problems.append(f"account {account}: its last run {newest_status[account]}")
+        elif success is None:
+            problems.append(f"account {account}: no successful run yet")
+        elif (age := (now - success).total_seconds()) > max_age_seconds:
+            problems.append(
+                f"account {account}: last success {age:.0f}s ago, more than {max_age_seconds:g}s"
+            )
+    return problems
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
@@ -315,12 +364,14 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
         query = query.where(datasets.c.deleted_at.is_(None))
     try:
         if not _require_tables(engine):
-            write_datasets([], args.format, sys.stdout)
+            write_datasets([], datasets.c.keys(), args.format, sys.stdout)
             return EXIT_OK
         with engine.connect() as conn:
             # Streamed in chunks, so a large table is never held in memory at once.
             result = conn.execution_options(yield_per=1000).execute(query)
-            count = write_datasets((r._mapping for r in result), args.format, sys.stdout)
+            count = write_datasets(
+                (r._mapping for r in result), datasets.c.keys(), args.format, sys.stdout
+            )
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "reading datasets") from exc
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -16,7 +17,7 @@ from urllib3.util.retry import Retry
 
 from sync import __version__
 from sync.config import ApiSettings
-from sync.errors import ApiError, AuthError, ResponseError
+from sync.errors import ApiError, AuthError, Cancelled, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,13 @@ def make_session(api: ApiSettings, api_key: str) -> requests.Session:
     return session
 
 
-def fetch_datasets(session: requests.Session, api: ApiSettings) -> bytes:
-    """GET /datasets within api.deadline_seconds; raise ApiError/AuthError/ResponseError."""
+def fetch_datasets(
+    session: requests.Session, api: ApiSettings, cancel: threading.Event | None = None
+) -> bytes:
+    """GET /datasets within api.deadline_seconds; raise ApiError/AuthError/ResponseError.
+
+    Setting `cancel` abandons the fetch at once (raises Cancelled).
+    """
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -67,7 +73,11 @@ def fetch_datasets(session: requests.Session, api: ApiSettings) -> bytes:
     # stuck socket never keeps the process alive after we give up on it.
     worker = threading.Thread(target=work, name="ideogram-fetch", daemon=True)
     worker.start()
-    worker.join(api.deadline_seconds)
+    deadline = time.monotonic() + api.deadline_seconds
+    while worker.is_alive() and time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        worker.join(min(0.2, max(deadline - time.monotonic(), 0)))
     if worker.is_alive():
         raise ApiError(
             f"the Ideogram API did not deliver the listing within api.deadline_seconds "

@@ -8,7 +8,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -83,6 +83,39 @@ class SyncOptions:
     lock_ttl_seconds: float = 600.0
     # None: off. Else the largest share of active datasets one run may soft-delete.
     max_delete_fraction: float | None = None
+    # Accounts synced at once by `run` and by each daemon slot.
+    max_workers: int = 4
+
+
+@dataclass(frozen=True)
+class Account:
+    """One Ideogram account (API key) to sync, with its own API settings."""
+
+    name: str = DEFAULT_ACCOUNT
+    api: ApiSettings = field(default_factory=ApiSettings)
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """When the daemon syncs: a cron expression or an interval aligned to the epoch."""
+
+    cron: str | None = None
+    interval_seconds: float | None = None
+    timezone: str = "UTC"
+    jitter_seconds: float = 0.0
+    run_on_start: bool = True
+    # /healthz and `status --max-age` call an account stale past this.
+    max_age_seconds: float | None = None
+    shutdown_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where the daemon serves /metrics and /healthz (port None: off)."""
+
+    port: int | None = None
+    # All interfaces by default: Kubernetes probes and Prometheus come from outside the pod.
+    host: str = "0.0.0.0"  # noqa: S104
 
 
 @dataclass(frozen=True)
@@ -92,31 +125,76 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     sync: SyncOptions = field(default_factory=SyncOptions)
-    account: str = DEFAULT_ACCOUNT
+    accounts: tuple[Account, ...] = (Account(),)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
+    def account(self, name: str) -> Account:
+        """The configured account called `name`; ConfigError if there is none."""
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        known = ", ".join(a.name for a in self.accounts)
+        raise ConfigError(f"no account named {name!r} is configured (known: {known})")
 
-_NUMBER = (int, float)
-# section -> key -> accepted Python types of the TOML value
-_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "database": {"url": (str,), "schema": (str,)},
+
+# Kinds of value a key takes; "duration" is seconds as a number or a string such as "30m".
+_SCHEMA: dict[str, dict[str, str]] = {
+    "database": {"url": "str", "schema": "str"},
     "api": {
-        "base_url": (str,),
-        "api_key_env": (str,),
-        "api_key_file": (str,),
-        "api_key": (str,),
-        "timeout_seconds": _NUMBER,
-        "max_retries": (int,),
-        "backoff_factor": _NUMBER,
-        "max_response_bytes": (int,),
-        "deadline_seconds": _NUMBER,
+        "base_url": "str",
+        "api_key_env": "str",
+        "api_key_file": "str",
+        "api_key": "str",
+        "timeout_seconds": "duration",
+        "max_retries": "int",
+        "backoff_factor": "number",
+        "max_response_bytes": "int",
+        "deadline_seconds": "duration",
     },
     "sync": {
-        "on_invalid_record": (str,),
-        "lock_ttl_seconds": _NUMBER,
-        "max_delete_fraction": _NUMBER,
+        "on_invalid_record": "str",
+        "lock_ttl_seconds": "duration",
+        "max_delete_fraction": "number",
+        "max_workers": "int",
     },
+    "schedule": {
+        "cron": "str",
+        "interval": "duration",
+        "timezone": "str",
+        "jitter_seconds": "duration",
+        "run_on_start": "bool",
+        "max_age": "duration",
+        "shutdown_grace_seconds": "duration",
+    },
+    "metrics": {"port": "int", "host": "str"},
 }
+_ACCOUNT_KEYS = {"name": "str", "api_key_env": "str", "api_key_file": "str", "base_url": "str"}
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any, label: str = "duration") -> float:
+    """Seconds from a number or a string such as "90s", "30m", "2h", "1d" or "1h30m"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{label} must be a duration like 30s, 10m, 2h or 1d, not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif text and _DURATION_PART.sub("", text) == "":
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+        else:
+            raise ConfigError(f"{label} must be a duration like 30s, 10m, 2h or 1d, not {value!r}")
+    else:
+        raise ConfigError(f"{label} must be a duration like 30s, 10m, 2h or 1d")
+    if seconds < 0:
+        raise ConfigError(f"{label} must not be negative")
+    return seconds
 
 
 def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
@@ -148,22 +226,60 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def _check_types(data: Mapping[str, Any], origin: str) -> None:
     for section, values in data.items():
+        if section == "accounts":
+            _check_accounts(values, origin)
+            continue
         if section not in _SCHEMA:
-            known = ", ".join(f"[{s}]" for s in _SCHEMA)
+            known = ", ".join([*(f"[{s}]" for s in _SCHEMA), "[[accounts]]"])
             raise ConfigError(f"{origin}: unknown section [{section}] (known: {known})")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: [{section}] must be a table")
         for key, value in values.items():
-            accepted = _SCHEMA[section].get(key)
-            if accepted is None:
+            kind = _SCHEMA[section].get(key)
+            if kind is None:
                 known = ", ".join(_SCHEMA[section])
                 raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {known})")
-            # TOML booleans are Python ints too; a number key must not take `true`.
-            if isinstance(value, bool) or not isinstance(value, accepted):
-                wanted = " or ".join(t.__name__ for t in accepted)
-                raise ConfigError(
-                    f"{origin}: {section}.{key} must be {wanted}, not {type(value).__name__}"
-                )
+            _check_kind(value, kind, f"{origin}: {section}.{key}")
+
+
+def _check_kind(value: Any, kind: str, label: str) -> None:
+    if kind == "duration":
+        parse_duration(value, label)
+        return
+    accepted: tuple[type, ...] = {
+        "str": (str,),
+        "int": (int,),
+        "number": (int, float),
+        "bool": (bool,),
+    }[kind]
+    # TOML booleans are Python ints too; a number key must not take `true`.
+    if (isinstance(value, bool) and kind != "bool") or not isinstance(value, accepted):
+        wanted = " or ".join(t.__name__ for t in accepted)
+        raise ConfigError(f"{label} must be {wanted}, not {type(value).__name__}")
+
+
+def _check_accounts(values: Any, origin: str) -> None:
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        raise ConfigError(f"{origin}: accounts must be written as [[accounts]] tables")
+    seen: set[str] = set()
+    for index, account in enumerate(values, 1):
+        where = f"{origin}: [[accounts]] #{index}"
+        for key, value in account.items():
+            kind = _ACCOUNT_KEYS.get(key)
+            if kind is None:
+                known = ", ".join(_ACCOUNT_KEYS)
+                raise ConfigError(f"{where}: unknown key accounts.{key} (known: {known})")
+            _check_kind(value, kind, f"{where}: accounts.{key}")
+        name = account.get("name")
+        if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: accounts.name is required: 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if name in seen:
+            raise ConfigError(f"{where}: account name {name!r} is used twice")
+        seen.add(name)
+        if not account.get("api_key_env") and not account.get("api_key_file"):
+            raise ConfigError(f"{where}: account {name!r} needs api_key_env or api_key_file")
 
 
 def _check_values(s: Settings, origin: str) -> None:
@@ -194,11 +310,40 @@ def _check_values(s: Settings, origin: str) -> None:
         )
     if not s.database.url:
         raise ConfigError(f"{origin}: database.url must not be empty")
+    if s.sync.max_workers < 1:
+        raise ConfigError(f"{origin}: sync.max_workers must be 1 or more")
+    _check_schedule(s.schedule, origin)
+    if s.metrics.port is not None and not 0 < s.metrics.port < 65536:
+        raise ConfigError(f"{origin}: metrics.port must be between 1 and 65535")
     if s.database.schema is not None and not _IDENTIFIER.fullmatch(s.database.schema):
         raise ConfigError(
             f"{origin}: database.schema must be a plain lowercase identifier (a-z, 0-9, _; "
             f"at most 63), not {s.database.schema!r}"
         )
+
+
+def _check_schedule(schedule: ScheduleSettings, origin: str) -> None:
+    if schedule.cron and schedule.interval_seconds is not None:
+        raise ConfigError(f"{origin}: set schedule.cron or schedule.interval, not both")
+    if schedule.interval_seconds is not None and schedule.interval_seconds < 1:
+        raise ConfigError(f"{origin}: schedule.interval must be at least 1s")
+    if schedule.cron is not None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(schedule.cron, timezone=schedule.timezone)
+        except (ValueError, LookupError) as exc:
+            raise ConfigError(
+                f"{origin}: schedule.cron {schedule.cron!r} is not a 5-field cron expression: {exc}"
+            ) from None
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(schedule.timezone)
+    except (ValueError, LookupError):
+        raise ConfigError(
+            f"{origin}: schedule.timezone {schedule.timezone!r} is not a known time zone"
+        ) from None
 
 
 def _warn_if_readable(path: Path) -> None:
@@ -230,6 +375,10 @@ def load_settings(
     db = dict(data.get("database", {}))
     api = dict(data.get("api", {}))
     sync_opts = dict(data.get("sync", {}))
+    schedule = dict(data.get("schedule", {}))
+    metrics = dict(data.get("metrics", {}))
+    if "api_key" in api and "api_key_file" in api:
+        raise ConfigError(f"{origin}: set api.api_key or api.api_key_file, not both")
     if "api_key" in api and path is not None:
         _warn_if_readable(path)
 
@@ -249,22 +398,35 @@ def load_settings(
         api["base_url"] = api["base_url"].rstrip("/")
     for section, name in (
         (api, "timeout_seconds"),
-        (api, "backoff_factor"),
         (api, "deadline_seconds"),
         (sync_opts, "lock_ttl_seconds"),
-        (sync_opts, "max_delete_fraction"),
     ):
         if name in section:
+            section[name] = parse_duration(section[name])
+    for section, name in ((api, "backoff_factor"), (sync_opts, "max_delete_fraction")):
+        if name in section:
             section[name] = float(section[name])
+    if "interval" in schedule:
+        schedule["interval_seconds"] = parse_duration(schedule.pop("interval"))
+    if "max_age" in schedule:
+        schedule["max_age_seconds"] = parse_duration(schedule.pop("max_age"))
+    for name in ("jitter_seconds", "shutdown_grace_seconds"):
+        if name in schedule:
+            schedule[name] = parse_duration(schedule[name])
 
+    base_api = ApiSettings(**api)
     settings = Settings(
         database=DatabaseSettings(**db),
-        api=ApiSettings(**api),
+        api=base_api,
         sync=SyncOptions(**sync_opts),
+        accounts=_accounts(data.get("accounts"), base_api, env),
+        schedule=ScheduleSettings(**schedule),
+        metrics=MetricsSettings(**metrics),
         source=path,
     )
     _check_values(settings, origin)
-    redact.register(settings.api.api_key)
+    for account in settings.accounts:
+        redact.register(account.api.api_key)
     password = _url_password(settings.database.url)
     if password:
         # The URL may carry the password percent-encoded; mask both spellings.
@@ -272,6 +434,30 @@ def load_settings(
         redact.register(quote_plus(password))
         redact.register(quote(password, safe=""))
     return settings
+
+
+def _accounts(
+    tables: list[dict[str, Any]] | None, base: ApiSettings, env: Mapping[str, str]
+) -> tuple[Account, ...]:
+    if not tables:
+        return (Account(DEFAULT_ACCOUNT, base),)
+    accounts = []
+    for table in tables:
+        key_env = table.get("api_key_env", "")
+        key_file = table.get("api_key_file")
+        base_url = table.get("base_url", base.base_url).rstrip("/")
+        if env.get(ENV_BASE_URL):
+            # The environment points every account at one server (a local fake, a proxy).
+            base_url = env[ENV_BASE_URL].rstrip("/")
+        api = replace(
+            base,
+            base_url=base_url,
+            api_key_env=key_env or base.api_key_env,
+            api_key_file=Path(key_file).expanduser() if key_file else None,
+            api_key=env.get(key_env) if key_env else None,
+        )
+        accounts.append(Account(table["name"], api))
+    return tuple(accounts)
 
 
 def _url_password(url: str) -> str | None:

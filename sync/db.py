@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
 from sync import redact
-from sync.errors import ConfigError, DatabaseError
+from sync.errors import ConfigError, DatabaseError, MigrationRequired
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,11 @@ def migrate(
         _serialize_migrations(connection)
         try:
             command.upgrade(alembic_config(connection), target)
+        except AlembicError as exc:
+            raise MigrationRequired(
+                f"cannot migrate the database from {before or 'empty'}: {exc}; if a newer "
+                "ideogram-sync migrated it, upgrade this installation"
+            ) from None
         finally:
             if connection.dialect.name in ("mysql", "mariadb"):
                 connection.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_migrate')")
@@ -155,6 +163,35 @@ def migrate(
     if before != after:
         log.info("migrated database from %s to %s", before or "empty", after)
     return before, after
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that holds the database-wide write lock of this tool.
+
+    Runs of different accounts may touch the same dataset row; serializing their
+    short write transactions keeps each diff true to what it then writes.
+    (SQLite needs nothing: BEGIN IMMEDIATE already serializes writers.)
+    """
+    with engine.connect() as conn:
+        name = conn.dialect.name
+        try:
+            with conn.begin():
+                if name == "postgresql":
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470022)")
+                elif name in ("mysql", "mariadb"):
+                    got = conn.exec_driver_sql(
+                        "SELECT GET_LOCK('ideogram_sync_write', 300)"
+                    ).scalar()
+                    if got != 1:
+                        raise DatabaseError(
+                            "timed out after 300s waiting for another run's write to finish"
+                        )
+                yield conn
+        finally:
+            if name in ("mysql", "mariadb") and not conn.closed and not conn.invalidated:
+                with suppress(SQLAlchemyError):
+                    conn.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_write')")
 
 
 def _serialize_migrations(connection: Connection) -> None:

@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
+EXIT_STALE = 4
 EXIT_LOCKED = 5
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -73,3 +74,7 @@ class MassDeleteRefused(SyncError):
 
 class Terminated(BaseException):
     """SIGTERM arrived; a BaseException so that no `except Exception` swallows it (exit 143)."""
+
+
+class Cancelled(BaseException):
+    """The run was asked to stop (daemon shutdown, or SIGTERM while accounts sync in threads)."""

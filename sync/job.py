@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync import client, redact, runs, store
-from sync.config import DatabaseSettings, Settings
-from sync.db import current_revision, database_error, head_revision, migrate
-from sync.errors import InvalidRecordsError, MigrationRequired, SyncError, Terminated
+from sync.config import Account, DatabaseSettings, Settings
+from sync.db import current_revision, database_error, head_revision, migrate, write_transaction
+from sync.errors import (
+    Cancelled,
+    InvalidRecordsError,
+    MigrationRequired,
+    SyncError,
+    Terminated,
+)
 from sync.lock import Lease
 from sync.records import Listing, parse_listing
 from sync.store import Counts
@@ -38,7 +46,6 @@ class RunResult:
     account: str
     counts: Counts
     duration_seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare_database(engine: Engine, database: DatabaseSettings, allow_migrate: bool) -> None:
@@ -57,47 +64,50 @@ def prepare_database(engine: Engine, database: DatabaseSettings, allow_migrate: 
         migrate(engine, schema=database.schema)
     except SQLAlchemyError as exc:
         raise database_error(exc, url, "checking or migrating the schema") from exc
-    except SyncError:
-        raise
-    except Exception as exc:  # Alembic's own errors, e.g. a revision we do not know
-        raise MigrationRequired(
-            f"cannot migrate the database: {exc}; if a newer ideogram-sync migrated it, "
-            "upgrade this installation"
-        ) from exc
 
 
 def sync_account(
     settings: Settings,
+    account: Account,
     engine: Engine,
     *,
     body: bytes | None = None,
     allow_mass_delete: bool = False,
+    slot: datetime | None = None,
+    cancel: threading.Event | None = None,
     clock: Callable[[], datetime] = utc_now,
-) -> RunResult:
-    """Sync one account under its lease: record a run, fetch (or use `body`), apply, commit."""
-    account = settings.account
+) -> RunResult | None:
+    """Sync one account under its lease: record a run, fetch (or use `body`), apply, commit.
+
+    With a schedule `slot`, returns None without syncing when another replica already
+    synced that slot. Setting `cancel` stops the run at its next safe point (rollback).
+    """
     url = settings.database.url
     started = time.monotonic()
-    lease = Lease(engine, account, settings.sync.lock_ttl_seconds, clock)
+    # A missing key is a configuration error: found before any lock or run row.
+    api_key = account.api.key() if body is None else None
+    lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
     try:
         lease.acquire()
     except SQLAlchemyError as exc:
         raise database_error(exc, url, "taking the lock of the account") from exc
     try:
         try:
-            run_id = runs.start_run(engine, account, clock())
-            orphans = runs.abandon_orphans(engine, account, run_id, clock())
+            if slot is not None and runs.slot_taken(engine, account.name, slot):
+                log.info(
+                    "slot %s of account %s was already synced (by another replica); skipping",
+                    slot.isoformat(),
+                    account.name,
+                )
+                return None
+            run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
         except SQLAlchemyError as exc:
             raise database_error(exc, url, "recording the start of the run") from exc
-        if orphans:
-            log.warning(
-                "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
-                ", ".join(map(str, orphans)),
-                account,
-            )
-        log.info("run %d started for account %s", run_id, account)
+        log.info("run %d started for account %s", run_id, account.name)
         fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
-        counts = _run(settings, engine, lease, run_id, body, fraction, clock)
+        fetch = _fetcher(account, api_key, body, cancel)
+        step = _checkpoint(cancel)
+        counts = _run(settings, account, engine, lease, run_id, fetch, fraction, step, clock)
     finally:
         lease.release()
     duration = time.monotonic() - started
@@ -105,7 +115,7 @@ def sync_account(
         "run %d succeeded for account %s in %.2fs: seen=%d inserted=%d updated=%d "
         "unchanged=%d deleted=%d rejected=%d",
         run_id,
-        account,
+        account.name,
         duration,
         counts.seen,
         counts.inserted,
@@ -113,36 +123,137 @@ def sync_account(
         counts.unchanged,
         counts.deleted,
         counts.rejected,
+        extra={
+            "account": account.name,
+            "run_id": run_id,
+            "duration_s": round(duration, 3),
+            "counts": asdict(counts),
+            "event": "run_succeeded",
+        },
     )
-    return RunResult(run_id=run_id, account=account, counts=counts, duration_seconds=duration)
+    return RunResult(run_id=run_id, account=account.name, counts=counts, duration_seconds=duration)
+
+
+@dataclass
+class Outcome:
+    """How one account's run ended: a result (None: slot already synced) or an error."""
+
+    account: str
+    result: RunResult | None = None
+    error: SyncError | None = None
+
+
+def sync_accounts(
+    settings: Settings,
+    accounts: Sequence[Account],
+    engine: Engine,
+    *,
+    body: bytes | None = None,
+    allow_mass_delete: bool = False,
+    slot: datetime | None = None,
+    cancel: threading.Event | None = None,
+) -> list[Outcome]:
+    """Sync several accounts, up to sync.max_workers at once; one's failure spares the rest."""
+    cancel = cancel or threading.Event()
+
+    def one(account: Account) -> Outcome:
+        try:
+            result = sync_account(
+                settings,
+                account,
+                engine,
+                body=body,
+                allow_mass_delete=allow_mass_delete,
+                slot=slot,
+                cancel=cancel,
+            )
+            return Outcome(account.name, result=result)
+        except SyncError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not take the other accounts down
+            error = SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
+        log.error(
+            "run failed for account %s: %s",
+            account.name,
+            error,
+            extra={"account": account.name, "error": str(error), "event": "run_failed"},
+        )
+        log.debug("traceback of the failure of account %s", account.name, exc_info=True)
+        return Outcome(account.name, error=error)
+
+    if len(accounts) == 1:
+        # In the calling (main) thread, so a signal interrupts even a blocking call.
+        return [one(accounts[0])]
+    workers = min(settings.sync.max_workers, len(accounts))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
+        futures = [pool.submit(one, account) for account in accounts]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            # SIGTERM or Ctrl-C in the waiting thread: stop every run at its next safe point.
+            cancel.set()
+            wait(futures)
+            raise
+
+
+def _fetcher(
+    account: Account, api_key: str | None, body: bytes | None, cancel: threading.Event | None
+) -> Callable[[], bytes]:
+    def fetch() -> bytes:
+        if body is not None:
+            return body
+        assert api_key is not None
+        with client.make_session(account.api, api_key) as session:
+            return client.fetch_datasets(session, account.api, cancel)
+
+    return fetch
+
+
+def _checkpoint(cancel: threading.Event | None) -> Callable[[], None]:
+    def step() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+
+    return step
 
 
 def _run(
     settings: Settings,
+    account: Account,
     engine: Engine,
     lease: Lease,
     run_id: int,
-    body: bytes | None,
+    fetch: Callable[[], bytes],
     max_delete_fraction: float | None,
+    step: Callable[[], None],
     clock: Callable[[], datetime],
 ) -> Counts:
     url = settings.database.url
     listing: Listing | None = None
     try:
-        if body is None:
-            session = client.make_session(settings.api, settings.api.key())
-            with session:
-                body = client.fetch_datasets(session, settings.api)
-        listing = parse_listing(body)
-        _report(listing, settings.sync.on_invalid_record)
         try:
-            with engine.begin() as conn:
+            orphans = runs.abandon_orphans(engine, account.name, run_id, clock())
+        except SQLAlchemyError as exc:
+            raise database_error(exc, url, "checking for abandoned runs") from exc
+        if orphans:
+            log.warning(
+                "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
+                ", ".join(map(str, orphans)),
+                account.name,
+            )
+        step()
+        listing = parse_listing(fetch())
+        _report(listing, settings.sync.on_invalid_record)
+        step()
+        try:
+            with write_transaction(engine) as conn:
                 # Fencing: if our lease was taken over, this raises and rolls back.
                 lease.check(conn)
                 counts = store.apply(
-                    conn, settings.account, listing, run_id, clock(), max_delete_fraction
+                    conn, account.name, listing, run_id, clock(), max_delete_fraction, step
                 )
                 runs.finish_run(conn, run_id, counts, clock())
+                step()
         except SQLAlchemyError as exc:
             raise database_error(exc, url, "writing the datasets") from exc
     except BaseException as exc:
@@ -182,6 +293,8 @@ def _record_failure(
         message = "interrupted (Ctrl-C / SIGINT)"
     elif isinstance(exc, Terminated):
         message = "interrupted (SIGTERM)"
+    elif isinstance(exc, Cancelled):
+        message = "interrupted (shutting down)"
     else:
         message = f"internal error: {type(exc).__name__}: {exc}"
     counts = Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()

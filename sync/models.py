@@ -110,7 +110,11 @@ sync_runs = Table(
     Column("deleted", Integer, nullable=False, default=0),
     Column("rejected", Integer, nullable=False, default=0),
     Column("error", Text),
+    # The daemon's schedule slot this run was for (null for `run`): replicas
+    # sharing a database use it to sync each slot exactly once.
+    Column("scheduled_for", UTCDateTime()),
     Index(None, "account", "started_at"),
+    Index(None, "account", "scheduled_for"),
     **MYSQL_TABLE_ARGS,
 )
 

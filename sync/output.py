@@ -60,15 +60,15 @@ def write_runs(runs: Sequence[RunRow], fmt: str, out: TextIO) -> None:
     _write_table(_RUN_HEADERS, table, out)
 
 
-def write_datasets(rows: Iterable[Mapping[str, Any]], fmt: str, out: TextIO) -> int:
+def write_datasets(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str], fmt: str, out: TextIO
+) -> int:
     """Stream dataset rows as a table, CSV or JSON array; return how many were written."""
     count = 0
     if fmt == "csv":
-        writer: csv.DictWriter[str] | None = None
+        writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
         for row in rows:
-            if writer is None:
-                writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
-                writer.writeheader()
             writer.writerow({k: _plain(v) for k, v in row.items()})
             count += 1
         return count

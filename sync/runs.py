@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
@@ -31,6 +30,7 @@ class RunRow:
     deleted: int
     rejected: int
     error: str | None
+    scheduled_for: datetime | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -40,7 +40,9 @@ class RunRow:
         return (self.finished_at - self.started_at).total_seconds()
 
 
-def start_run(engine: Engine, account: str, now: datetime) -> int:
+def start_run(
+    engine: Engine, account: str, now: datetime, scheduled_for: datetime | None = None
+) -> int:
     """Insert and commit a `running` row; return its id."""
     with engine.begin() as conn:
         result = conn.execute(
@@ -48,10 +50,26 @@ def start_run(engine: Engine, account: str, now: datetime) -> int:
                 account=account,
                 started_at=now,
                 status=RUN_RUNNING,
+                scheduled_for=scheduled_for,
                 **_count_values(Counts()),
             )
         )
         return int(result.inserted_primary_key[0])
+
+
+def slot_taken(engine: Engine, account: str, slot: datetime) -> bool:
+    """True when a run for this schedule slot already finished (on any replica)."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(sync_runs.c.id)
+            .where(
+                sync_runs.c.account == account,
+                sync_runs.c.scheduled_for == slot,
+                sync_runs.c.status.in_((RUN_SUCCESS, RUN_FAILED)),
+            )
+            .limit(1)
+        ).first()
+    return found is not None
 
 
 ABANDONED_REASON = (
@@ -124,6 +142,24 @@ def latest_runs(engine: Engine, per_account: int = 5) -> list[RunRow]:
         return [RunRow(**row._mapping) for row in conn.execute(query)]
 
 
+def last_success_by_account(engine: Engine) -> dict[str, datetime]:
+    """When each account's newest successful run finished."""
+    query = (
+        select(sync_runs.c.account, func.max(sync_runs.c.finished_at))
+        .where(sync_runs.c.status == RUN_SUCCESS)
+        .group_by(sync_runs.c.account)
+    )
+    with engine.connect() as conn:
+        return {account: _as_utc(finished) for account, finished in conn.execute(query) if finished}
+
+
+def _as_utc(value: datetime) -> datetime:
+    # func.max() loses the column type on some backends, so re-attach UTC here.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _count_values(counts: Counts) -> dict[str, int]:
     return {
         "datasets_seen": counts.seen,
@@ -133,12 +169,3 @@ def _count_values(counts: Counts) -> dict[str, int]:
         "deleted": counts.deleted,
         "rejected": counts.rejected,
     }
-
-
-def last_status_by_account(rows: Sequence[RunRow]) -> dict[str, str]:
-    """The status of each account's newest run among `rows`."""
-    latest: dict[str, RunRow] = {}
-    for row in rows:
-        if row.account not in latest or row.id > latest[row.account].id:
-            latest[row.account] = row
-    return {account: row.status for account, row in latest.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ def apply(
     run_id: int,
     now: datetime,
     max_delete_fraction: float | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> Counts:
     """Bring `datasets` (and its history) in line with `listing`, writing only what changed."""
     stored = _load(conn)
@@ -79,17 +80,20 @@ def apply(
     for dataset_id, row in listing.rows.items():
         old = stored.get(dataset_id)
         content = _content(row)
+        # A dataset that another account lists too stays with the account that has
+        # it now (no ping-pong between accounts); this run only refreshes its content.
+        owner = old.account if old is not None and not old.deleted else account
         if old is None:
             inserted += 1
             change = CHANGE_INSERT
-        elif old.deleted or old.account != account or old.content != content:
+        elif old.deleted or old.content != content:
             updated += 1
             change = CHANGE_RESTORE if old.deleted else CHANGE_UPDATE
             superseded.append(dataset_id)
         else:
             unchanged += 1
             continue
-        values = _values(row, account, run_id, now)
+        values = _values(row, owner, run_id, now)
         changed.append(values)
         versions.append(_version(values, change, run_id, now))
 
@@ -102,9 +106,10 @@ def apply(
         versions.append(_version(values, CHANGE_DELETE, run_id, now))
     superseded.extend(gone)
 
-    _upsert(conn, changed)
-    _soft_delete(conn, gone, run_id, now)
-    _write_history(conn, superseded, versions, now)
+    step = checkpoint or _no_checkpoint
+    _upsert(conn, changed, step)
+    _soft_delete(conn, gone, run_id, now, step)
+    _write_history(conn, superseded, versions, now, step)
     return Counts(
         seen=listing.seen,
         inserted=inserted,
@@ -137,16 +142,22 @@ def _version(values: dict[str, Any], change: str, run_id: int, now: datetime) ->
 
 
 def _write_history(
-    conn: Connection, superseded: Sequence[str], versions: Sequence[dict[str, Any]], now: datetime
+    conn: Connection,
+    superseded: Sequence[str],
+    versions: Sequence[dict[str, Any]],
+    now: datetime,
+    step: Callable[[], None],
 ) -> None:
     # Close the current version of every row this run changed, then add the new ones.
     for batch in _batches(superseded):
+        step()
         conn.execute(
             update(dataset_history)
             .where(dataset_history.c.dataset_id.in_(batch), dataset_history.c.valid_to.is_(None))
             .values(valid_to=now)
         )
     for batch in _batches(versions):
+        step()
         conn.execute(insert(dataset_history), batch)
 
 
@@ -226,16 +237,24 @@ def upsert_statement(dialect_name: str) -> Insert:
     raise NotImplementedError(f"no upsert for the {dialect_name} dialect")
 
 
-def _upsert(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+def _no_checkpoint() -> None:
+    pass
+
+
+def _upsert(conn: Connection, rows: Sequence[dict[str, Any]], step: Callable[[], None]) -> None:
     if not rows:
         return
     stmt = upsert_statement(conn.dialect.name)
     for batch in _batches(rows):
+        step()
         conn.execute(stmt, batch)
 
 
-def _soft_delete(conn: Connection, ids: Sequence[str], run_id: int, now: datetime) -> None:
+def _soft_delete(
+    conn: Connection, ids: Sequence[str], run_id: int, now: datetime, step: Callable[[], None]
+) -> None:
     for batch in _batches(ids):
+        step()
         conn.execute(
             update(datasets)
             .where(datasets.c.dataset_id.in_(batch), datasets.c.deleted_at.is_(None))

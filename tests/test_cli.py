@@ -322,7 +322,7 @@ def test_postgresql_schema_holds_everything(cli, fake_api: FakeApi, tmp_path: Pa
             assert inspector.get_table_names(schema="public") == []
             assert inspector.get_view_names(schema="public") == []
             assert set(inspector.get_table_names(schema="ideogram")) == {
-                "alembic_version", "datasets", "sync_runs", "dataset_history",
+                "alembic_version", "datasets", "sync_runs", "dataset_history", "sync_locks",
             }  # fmt: skip
             assert set(inspector.get_view_names(schema="ideogram")) == {
                 "datasets_current", "sync_runs_latest", "sync_daily",

@@ -26,7 +26,8 @@ def test_defaults_without_any_file() -> None:
     assert s.api.api_key_env == "IDEOGRAM_API_KEY"
     assert (s.api.timeout_seconds, s.api.max_retries) == (30.0, 5)
     assert s.sync.on_invalid_record == "skip"
-    assert s.account == "default" and s.source is None
+    assert [a.name for a in s.accounts] == ["default"] and s.source is None
+    assert s.accounts[0].api == s.api
 
 
 def test_example_config_loads_and_matches_defaults() -> None:

@@ -189,10 +189,8 @@ def test_document_has_every_example_for_every_dialect() -> None:
         assert len(covered) == len(set(covered)), f"{heading}: a dialect has two queries"
     for heading in EXAMPLES:
         assert f"\n### {heading}\n" in text, f"no `### {heading}` heading"
-        covered = set().union(*[b.dialects for b in blocks if b.heading == heading])
-        assert covered == DIALECTS, f"{heading}: no query for {sorted(DIALECTS - covered)}"
-    for heading in (AS_OF, EXTRA):
-        covered = set().union(*[b.dialects for b in blocks if b.heading == heading])
+    for heading in (*EXAMPLES, AS_OF, EXTRA):
+        covered: set[str] = set().union(*[b.dialects for b in blocks if b.heading == heading])
         assert covered == DIALECTS, f"{heading}: no query for {sorted(DIALECTS - covered)}"
 
 
