@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=_cmd_status)
 
+    daemon = commands.add_parser(
+        "daemon", help="sync on the [schedule] until SIGTERM/SIGINT (for systemd, Kubernetes)"
+    )
+    daemon.add_argument(
+        "--no-migrate",
+        dest="migrate",
+        action="store_false",
+        help="do not apply pending migrations at start; exit 2 if the database is behind",
+    )
+    daemon.set_defaults(handler=_cmd_daemon)
+
     shown = commands.add_parser("datasets", help="print the synced datasets")
     shown.add_argument(
         "--format",
@@ -256,6 +267,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     return worst_exit_code([o.error.exit_code if o.error else EXIT_OK for o in outcomes])
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from sync.daemon import Daemon
+
+    settings = _settings(args)
+    return Daemon(settings, allow_migrate=args.migrate).run()
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -327,15 +327,6 @@ def _check_schedule(schedule: ScheduleSettings, origin: str) -> None:
         raise ConfigError(f"{origin}: set schedule.cron or schedule.interval, not both")
     if schedule.interval_seconds is not None and schedule.interval_seconds < 1:
         raise ConfigError(f"{origin}: schedule.interval must be at least 1s")
-    if schedule.cron is not None:
-        from apscheduler.triggers.cron import CronTrigger
-
-        try:
-            CronTrigger.from_crontab(schedule.cron, timezone=schedule.timezone)
-        except (ValueError, LookupError) as exc:
-            raise ConfigError(
-                f"{origin}: schedule.cron {schedule.cron!r} is not a 5-field cron expression: {exc}"
-            ) from None
     try:
         from zoneinfo import ZoneInfo
 

@@ -19,6 +19,7 @@ from sync.db import current_revision, database_error, head_revision, migrate, wr
 from sync.errors import (
     Cancelled,
     InvalidRecordsError,
+    LockHeld,
     MigrationRequired,
     SyncError,
     Terminated,
@@ -172,7 +173,9 @@ def sync_accounts(
             error = exc
         except Exception as exc:  # a bug must not take the other accounts down
             error = SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
-        log.error(
+        # Another run holding the lock is routine (cron overlap, replicas), not an error.
+        log.log(
+            logging.WARNING if isinstance(error, LockHeld) else logging.ERROR,
             "run failed for account %s: %s",
             account.name,
             error,

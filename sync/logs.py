@@ -64,5 +64,7 @@ def configure_logging(level: str, verbose: bool, fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level))
     # Library chatter stays out unless asked for; urllib3's retry warnings are kept.
-    for noisy in ("alembic", "sqlalchemy", "apscheduler"):
+    for noisy in ("alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    # The daemon logs skipped and failed slots itself, in its own words.
+    logging.getLogger("apscheduler").setLevel(logging.INFO if verbose else logging.ERROR)

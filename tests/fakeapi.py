@@ -47,6 +47,10 @@ class FakeApi:
 
     def __init__(self) -> None:
         self.datasets: list[Any] = []
+        # Listings per API key (several accounts); keys not in it get `datasets`.
+        self.by_key: dict[str, list[Any]] = {}
+        # Keys answered with 401.
+        self.rejected_keys: set[str] = set()
         self.script: deque[Reply] = deque()
         self.requests: list[Seen] = []
         self.times: list[float] = []
@@ -81,17 +85,21 @@ class FakeApi:
         with self._lock:
             self.script.extend(replies)
 
-    def _next(self) -> Reply:
+    def _next(self, key: str | None) -> Reply:
         with self._lock:
             if self.script:
                 return self.script.popleft()
-            return Reply(200, {"datasets": self.datasets}, {"Content-Type": "application/json"})
+            if key in self.rejected_keys:
+                return Reply(401, {"detail": "Unauthorized"})
+            listing = self.by_key.get(key or "", self.datasets)
+            return Reply(200, {"datasets": listing}, {"Content-Type": "application/json"})
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.requests.append(Seen("GET", handler.path, dict(handler.headers.items())))
             self.times.append(time.monotonic())
-        reply = self._next() if handler.path.split("?")[0] == "/datasets" else Reply(404)
+        key = handler.headers.get("Api-Key")
+        reply = self._next(key) if handler.path.split("?")[0] == "/datasets" else Reply(404)
         gate = self.gate
         if gate is not None:
             gate.wait(60)

@@ -1,0 +1,130 @@
+"""Prometheus metrics and the /healthz answer, served by the daemon over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from sync.job import Outcome
+
+log = logging.getLogger(__name__)
+
+# Runs take seconds to minutes; the buckets cover both ends.
+_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    """The daemon's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "ideogram_sync_runs",
+            "Sync runs by account and how they ended (success, failed, locked, skipped).",
+            ["account", "status"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "ideogram_sync_last_success_timestamp_seconds",
+            "Unix time when the account's last successful sync finished.",
+            ["account"],
+            registry=self.registry,
+        )
+        self.rows = Counter(
+            "ideogram_sync_rows",
+            "Dataset rows by what a sync did to them (inserted, updated, unchanged, deleted, rejected).",
+            ["account", "change"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "ideogram_sync_run_duration_seconds",
+            "Wall time of successful sync runs.",
+            ["account"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.active = Gauge(
+            "ideogram_sync_datasets_active",
+            "Datasets of the account that are not soft-deleted.",
+            ["account"],
+            registry=self.registry,
+        )
+
+    def record(self, outcome: Outcome) -> None:
+        """Count one account's run."""
+        account = outcome.account
+        if outcome.error is not None:
+            status = "locked" if outcome.error.exit_code == 5 else "failed"
+            self.runs.labels(account, status).inc()
+            return
+        if outcome.result is None:
+            self.runs.labels(account, "skipped").inc()
+            return
+        result = outcome.result
+        self.runs.labels(account, "success").inc()
+        self.duration.labels(account).observe(result.duration_seconds)
+        counts = result.counts
+        for change, value in (
+            ("inserted", counts.inserted),
+            ("updated", counts.updated),
+            ("unchanged", counts.unchanged),
+            ("deleted", counts.deleted),
+            ("rejected", counts.rejected),
+        ):
+            self.rows.labels(account, change).inc(value)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+def serve(host: str, port: int, metrics: Metrics, health: HealthCheck) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz from a background thread; returns the server to shut down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                try:
+                    ok, reason = health()
+                except Exception as exc:  # a probe must answer, never hang or crash
+                    ok, reason = False, f"health check failed: {type(exc).__name__}"
+                self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain")
+            else:
+                self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass  # probes every few seconds would drown the log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True, name="metrics"
+    )
+    thread.start()
+    log.info("serving /metrics and /healthz on http://%s:%d", host, server.server_address[1])
+    return server
