@@ -73,17 +73,25 @@ class UTCDateTime(TypeDecorator[datetime]):
 # none_as_null: Python None must be SQL NULL, not the JSON literal `null`.
 JSONType = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
+
+def _dataset_content() -> list[Column[Any]]:
+    """What the API tells about a dataset; the same columns in `datasets` and its history."""
+    return [
+        Column("account", String(255), nullable=False),
+        Column("name", String(1024), nullable=False),
+        Column("user_id", String(255), nullable=False),
+        Column("creation_time", UTCDateTime(), nullable=False),
+        Column("cover_asset_type", String(64)),
+        Column("cover_asset_id", String(255)),
+        Column("extra", JSONType),
+    ]
+
+
 datasets = Table(
     "datasets",
     metadata,
     Column("dataset_id", String(255), primary_key=True),
-    Column("account", String(255), nullable=False),
-    Column("name", String(1024), nullable=False),
-    Column("user_id", String(255), nullable=False),
-    Column("creation_time", UTCDateTime(), nullable=False),
-    Column("cover_asset_type", String(64)),
-    Column("cover_asset_id", String(255)),
-    Column("extra", JSONType),
+    *_dataset_content(),
     Column("first_seen_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime()),
@@ -125,13 +133,7 @@ dataset_history = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("dataset_id", String(255), nullable=False),
-    Column("account", String(255), nullable=False),
-    Column("name", String(1024), nullable=False),
-    Column("user_id", String(255), nullable=False),
-    Column("creation_time", UTCDateTime(), nullable=False),
-    Column("cover_asset_type", String(64)),
-    Column("cover_asset_id", String(255)),
-    Column("extra", JSONType),
+    *_dataset_content(),
     Column("valid_from", UTCDateTime(), nullable=False),
     Column("valid_to", UTCDateTime()),
     Column("change_type", String(16), nullable=False),

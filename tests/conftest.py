@@ -115,6 +115,19 @@ def cli(
     return run
 
 
+def subprocess_env(fake_api: FakeApi, db_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a real `python -m sync` process against the fake API and `db_url`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
+    env.update(
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        IDEOGRAM_API_KEY=API_KEY,
+        IDEOGRAM_API_BASE_URL=fake_api.url,
+        IDEOGRAM_SYNC_DATABASE_URL=db_url,
+    )
+    env.update(extra)
+    return env
+
+
 def rows(url: str, table: str = "datasets", order: str = "1") -> list[dict[str, Any]]:
     """Every row of `table`, as dicts, through the tool's own column types."""
     from sync.db import make_engine

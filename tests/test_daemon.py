@@ -23,7 +23,7 @@ import pytest
 
 from sync.config import ScheduleSettings
 from sync.schedule import Schedule
-from tests.conftest import API_KEY, database_url_for, rows
+from tests.conftest import database_url_for, rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +40,7 @@ def daemon(
 ) -> subprocess.Popen[str]:
     path = tmp_path / f"{name}.toml"
     path.write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        IDEOGRAM_API_KEY=API_KEY,
-        IDEOGRAM_API_BASE_URL=fake_api.url,
-        IDEOGRAM_SYNC_DATABASE_URL=db_url,
-    )
+    env = subprocess_env(fake_api, db_url)
     return subprocess.Popen(
         [sys.executable, "-m", "sync", "--config", str(path), *extra, "daemon"],
         env=env,

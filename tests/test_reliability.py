@@ -3,7 +3,6 @@ slow servers, mass deletes. Each checks the end state of the data and of sync_ru
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,22 +18,13 @@ import sqlalchemy as sa
 
 from sync.db import make_engine, migrate
 from sync.models import sync_locks
-from tests.conftest import API_KEY, rows
+from tests.conftest import rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def env_for(fake_api: FakeApi, db_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        IDEOGRAM_API_KEY=API_KEY,
-        IDEOGRAM_API_BASE_URL=fake_api.url,
-        IDEOGRAM_SYNC_DATABASE_URL=db_url,
-    )
-    env.update(extra)
-    return env
+env_for = subprocess_env
 
 
 def start(
