@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,6 +162,21 @@ def listings() -> list[list[dict[str, Any]]]:
 @pytest.fixture
 def synced(cli: RunCli, fake_api: FakeApi, db_url: str) -> str:
     """`db_url`, filled by real syncs of the listings above and one failed run."""
+    return _fill(cli, fake_api, db_url)
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def synced_server(
+    request: pytest.FixtureRequest, cli: RunCli, fake_api: FakeApi, tmp_path: Path
+) -> Iterator[str]:
+    """Like `synced`, on the servers only: SQLite has no session time zone to vary."""
+    from tests.conftest import database_url_for
+
+    for url in database_url_for(request.param, tmp_path):
+        yield _fill(cli, fake_api, url)
+
+
+def _fill(cli: RunCli, fake_api: FakeApi, db_url: str) -> str:
     for listing in listings():
         fake_api.datasets = listing
         result = cli("--database-url", db_url, "run")
@@ -265,10 +280,9 @@ def test_query_results_are_right(synced: str) -> None:
     assert [r["dataset_id"] for r in run(EXTRA)] == ["f"]
 
 
-def test_answers_do_not_depend_on_the_session_time_zone(synced: str) -> None:
+def test_answers_do_not_depend_on_the_session_time_zone(synced_server: str) -> None:
+    synced = synced_server
     backend = backend_of(synced)
-    if backend == "sqlite":
-        pytest.skip("SQLite has no session time zone")
     for block in (b for b in doc_blocks() if backend in b.dialects):
         in_utc = query(synced, block.sql)
         for zone in OTHER_ZONES[backend]:
