@@ -352,9 +352,10 @@ def stale_accounts(
     max_age_seconds: float,
     now: datetime,
 ) -> list[str]:
-    """Why each configured (or recorded) account is not fresh; empty when all are."""
+    """Why each configured account is not fresh; empty when all are."""
+    # Only configured accounts: one removed from the config must not fail the check forever.
     problems = []
-    for account in sorted(set(accounts) | set(newest_status)):
+    for account in sorted(accounts):
         success = last_success.get(account)
         if newest_status.get(account) not in (None, "success", "running"):
             problems.append(f"account {account}: its last run {newest_status[account]}")

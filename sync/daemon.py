@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 JOB_ID = "sync"
 MAX_STARTUP_BACKOFF = 60.0
+# After the grace period the run is cancelled; it stops at its next safe point, which
+# takes well under this. Service managers' stop timeouts must exceed grace + this.
+ABORT_WAIT_SECONDS = 60.0
 
 
 class Daemon:
@@ -102,7 +105,7 @@ class Daemon:
         log.warning("the running sync did not finish within %gs; aborting it", grace)
         self.cancel.set()
         # It stops at its next safe point (rollback, run recorded failed).
-        self.idle.wait(60)
+        self.idle.wait(ABORT_WAIT_SECONDS)
 
     def _connect(self) -> Engine | None:
         """Engine plus migrations; on failure retry with backoff instead of crash-looping."""
