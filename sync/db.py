@@ -7,19 +7,17 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
 from sync import redact
 from sync.errors import ConfigError, DatabaseError, MigrationRequired
+
+if TYPE_CHECKING:  # Alembic is imported only when migrating: `status` starts faster without it
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +119,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic Config that needs no alembic.ini; with a connection, env.py uses it."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
@@ -130,11 +130,15 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str | None:
     """The newest migration this version of the tool ships."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
@@ -143,6 +147,9 @@ def migrate(
     engine: Engine, target: str = "head", schema: str | None = None
 ) -> tuple[str | None, str | None]:
     """Upgrade the database to `target` (creating PostgreSQL `schema` if missing)."""
+    from alembic import command
+    from alembic.util.exc import CommandError as AlembicError
+
     if schema:
         with engine.begin() as connection:
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
