@@ -96,6 +96,9 @@ datasets = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime()),
     Column("last_sync_run_id", Integer, nullable=False),
+    # Digest of the content columns as the API sent them (sync.records.content_hash):
+    # a re-run compares digests instead of reading back and comparing every column.
+    Column("content_hash", String(32)),
     Index(None, "user_id"),
     Index(None, "creation_time"),
     Index(None, "deleted_at"),

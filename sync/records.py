@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,30 @@ class DatasetRow:
     cover_asset_type: str | None
     cover_asset_id: str | None
     extra: dict[str, Any] | None
+    content_hash: str
+
+
+def content_hash(
+    name: str,
+    user_id: str,
+    creation_time: datetime,
+    cover_asset_type: str | None,
+    cover_asset_id: str | None,
+    extra: dict[str, Any] | None,
+) -> str:
+    """A digest of what the API says about a dataset, to tell changed rows from unchanged.
+
+    Canonical JSON, so `true` differs from `1` and a number compares as the API sent it,
+    not as a database's JSON type hands it back. migrations/versions/0005 holds a frozen
+    copy; a test keeps the two equal.
+    """
+    canonical = json.dumps(
+        [name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id, extra],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +202,9 @@ def parse_record(record: Any) -> DatasetRow:
         cover_asset_type=cover_type,
         cover_asset_id=cover_id,
         extra=extra or None,
+        content_hash=content_hash(
+            name, user_id, creation_time, cover_type, cover_id, extra or None
+        ),
     )
 
 

@@ -40,7 +40,14 @@ CONTENT_COLUMNS = (
 )
 _HISTORY_COLUMNS = ("dataset_id", "account", *CONTENT_COLUMNS)
 # Everything an upsert sets on an existing row; first_seen_at stays as first written.
-_UPDATE_COLUMNS = (*CONTENT_COLUMNS, "account", "updated_at", "deleted_at", "last_sync_run_id")
+_UPDATE_COLUMNS = (
+    *CONTENT_COLUMNS,
+    "content_hash",
+    "account",
+    "updated_at",
+    "deleted_at",
+    "last_sync_run_id",
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class Counts:
 @dataclass(frozen=True, slots=True)
 class _Stored:
     account: str
-    content: tuple[Any, ...]
+    content_hash: str | None
     deleted: bool
 
 
@@ -79,14 +86,13 @@ def apply(
     inserted = updated = unchanged = 0
     for dataset_id, row in listing.rows.items():
         old = stored.get(dataset_id)
-        content = _content(row)
         # A dataset that another account lists too stays with the account that has
         # it now (no ping-pong between accounts); this run only refreshes its content.
         owner = old.account if old is not None and not old.deleted else account
         if old is None:
             inserted += 1
             change = CHANGE_INSERT
-        elif old.deleted or old.content != content:
+        elif old.deleted or old.content_hash != row.content_hash:
             updated += 1
             change = CHANGE_RESTORE if old.deleted else CHANGE_UPDATE
             superseded.append(dataset_id)
@@ -99,10 +105,8 @@ def apply(
 
     gone = _gone(stored, account, listing)
     _guard_mass_delete(stored, account, len(gone), max_delete_fraction)
-    for dataset_id in gone:
-        old = stored[dataset_id]
-        values = {"dataset_id": dataset_id, "account": old.account}
-        values.update(zip(CONTENT_COLUMNS, old.content, strict=True))
+    # A delete version records the content as it was: read it for those rows only.
+    for values in _load_content(conn, gone):
         versions.append(_version(values, CHANGE_DELETE, run_id, now))
     superseded.extend(gone)
 
@@ -179,25 +183,29 @@ def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[st
 
 
 def _load(conn: Connection) -> dict[str, _Stored]:
-    # The table is keyed on dataset_id alone, so a dataset another account saw
-    # is still "this row": load every row's content, compactly, once.
-    columns = [datasets.c[name] for name in CONTENT_COLUMNS]
-    query = select(datasets.c.dataset_id, datasets.c.account, datasets.c.deleted_at, *columns)
+    # The table is keyed on dataset_id alone, so a dataset another account saw is
+    # still "this row": load every row once, but only what the diff needs (no
+    # timestamps or JSON to convert).
+    query = select(
+        datasets.c.dataset_id,
+        datasets.c.account,
+        datasets.c.content_hash,
+        datasets.c.deleted_at.is_not(None),
+    )
     return {
-        r[0]: _Stored(account=r[1], deleted=r[2] is not None, content=tuple(r[3:]))
+        r[0]: _Stored(account=r[1], content_hash=r[2], deleted=bool(r[3]))
         for r in conn.execute(query)
     }
 
 
-def _content(row: DatasetRow) -> tuple[Any, ...]:
-    return (
-        row.name,
-        row.user_id,
-        row.creation_time,
-        row.cover_asset_type,
-        row.cover_asset_id,
-        row.extra,
-    )
+def _load_content(conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
+    columns = [datasets.c.dataset_id, datasets.c.account]
+    columns += [datasets.c[name] for name in CONTENT_COLUMNS]
+    found: list[dict[str, Any]] = []
+    for batch in _batches(ids):
+        query = select(*columns).where(datasets.c.dataset_id.in_(batch))
+        found.extend(dict(r._mapping) for r in conn.execute(query))
+    return found
 
 
 def _values(row: DatasetRow, account: str, run_id: int, now: datetime) -> dict[str, Any]:
@@ -210,6 +218,7 @@ def _values(row: DatasetRow, account: str, run_id: int, now: datetime) -> dict[s
         "cover_asset_type": row.cover_asset_type,
         "cover_asset_id": row.cover_asset_id,
         "extra": row.extra,
+        "content_hash": row.content_hash,
         "first_seen_at": now,
         "updated_at": now,
         "deleted_at": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,63 @@ def test_alembic_ini_from_a_checkout(tmp_path: Path) -> None:
         assert current_revision(engine) == head_revision()
     finally:
         engine.dispose()
+
+
+def test_frozen_content_hash_matches_the_parser() -> None:
+    import importlib.util
+    from datetime import UTC, datetime
+
+    from sync.records import content_hash
+
+    path = ROOT / "migrations" / "versions" / "0005_content_hash.py"
+    spec = importlib.util.spec_from_file_location("m0005", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    when = datetime(2024, 12, 15, 17, 32, 0, 965408, tzinfo=UTC)
+    for args in (
+        ("n", "u", when, None, None, None),
+        ("ünï ✓", "u", when, "UPLOAD", "x", {"b": [1, True, None], "a": {"z": 1.5}}),
+    ):
+        assert module.content_hash(*args) == content_hash(*args)
+
+
+def test_backfilled_hashes_make_the_next_run_unchanged(cli, fake_api, db_url: str) -> None:
+    from tests.conftest import rows
+    from tests.fakeapi import dataset
+
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0004")
+    finally:
+        engine.dispose()
+    listing = [dataset("a", sharing=[{"x": 1}]), dataset("b", cover=None)]
+    fake_api.datasets = listing
+    # Rows written by a version before 0005, i.e. without a digest.
+    engine = make_engine(db_url)
+    try:
+        from sync.records import parse_listing
+
+        parsed = parse_listing(json.dumps({"datasets": listing}))
+        meta = sa.MetaData()
+        # MariaDB reflects JSON as LONGTEXT: say what the column holds.
+        extra = sa.Column("extra", sa.JSON(none_as_null=True))
+        datasets = sa.Table("datasets", meta, extra, autoload_with=engine)
+        with engine.begin() as conn:
+            for row in parsed.rows.values():
+                conn.execute(
+                    datasets.insert().values(
+                        dataset_id=row.dataset_id, account="default", name=row.name,
+                        user_id=row.user_id, creation_time=row.creation_time.replace(tzinfo=None),
+                        cover_asset_type=row.cover_asset_type, cover_asset_id=row.cover_asset_id,
+                        extra=row.extra, first_seen_at=row.creation_time.replace(tzinfo=None),
+                        updated_at=row.creation_time.replace(tzinfo=None), last_sync_run_id=1,
+                    )
+                )  # fmt: skip
+    finally:
+        engine.dispose()
+    result = cli("--database-url", db_url, "run")
+    assert result.code == 0, result.err
+    run = rows(db_url, "sync_runs", order="id")[-1]
+    assert (run["inserted"], run["updated"], run["unchanged"]) == (0, 0, 2)

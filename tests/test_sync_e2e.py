@@ -272,3 +272,16 @@ def test_bounded_statements_for_many_rows(cli, fake_api: FakeApi, db_url: str, w
     assert len(rows(db_url)) == 2000
     # 2,000 rows in batches of 500: a handful of statements, not one per row.
     assert 1 <= len(writes) <= 8, len(writes)
+
+
+def test_unknown_fields_compare_as_json_not_as_python(cli, fake_api: FakeApi, db_url: str) -> None:
+    """`true` is not `1`, and 1e23 stays unchanged even where JSONB hands it back as an int."""
+    fake_api.datasets = [dataset("a", flag=1, score=1e23)]
+    assert cli("--database-url", db_url, "run").code == 0
+    assert cli("--database-url", db_url, "run").code == 0
+    assert runs(db_url)[-1]["unchanged"] == 1
+
+    fake_api.datasets = [dataset("a", flag=True, score=1e23)]
+    assert cli("--database-url", db_url, "run").code == 0
+    assert runs(db_url)[-1]["updated"] == 1
+    assert by_id(db_url)["a"]["extra"]["flag"] is True
