@@ -21,6 +21,8 @@ _KNOWN_FIELDS = frozenset(
     {"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"}
 )
 _KNOWN_COVER_FIELDS = frozenset({"asset_type", "asset_id"})
+_RISKY_BYTES = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_RISKY_TEXT = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[\x00\ud800-\udfff]")
 # Date, `T` or space, time with optional seconds and fraction, optional `Z` or offset.
 _TIMESTAMP = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?\s*([Zz]|[+-]\d{2}:?\d{2})?"
@@ -55,13 +57,12 @@ def content_hash(
     not as a database's JSON type hands it back. migrations/versions/0005 holds a frozen
     copy; a test keeps the two equal.
     """
-    canonical = json.dumps(
-        [name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id, extra],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
+    # repr() of a tuple of str/None is unambiguous and far cheaper than json.dumps;
+    # JSON (sorted keys) is needed only for the free-form extra fields.
+    canonical = repr((name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id))
+    if extra is not None:
+        canonical += json.dumps(extra, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +149,15 @@ def parse_listing(body: bytes | str) -> Listing:
         )
 
     listing = Listing(seen=len(records))
+    # NUL and lone surrogates can only come from escapes (or, in bytes, encoded
+    # surrogates); a body without any needs no per-string check.
+    check_text = bool(
+        (_RISKY_BYTES if isinstance(body, bytes) else _RISKY_TEXT).search(body)  # type: ignore[arg-type]
+    )
     for index, record in enumerate(records):
         dataset_id = _usable_id(record)
         try:
-            row = parse_record(record)
+            row = parse_record(record, check_text)
         except InvalidRecord as exc:
             listing.rejects.append(Reject(index, dataset_id, str(exc)))
             if dataset_id is not None:
@@ -164,13 +170,16 @@ def parse_listing(body: bytes | str) -> Listing:
     return listing
 
 
-def parse_record(record: Any) -> DatasetRow:
-    """Validate one `Dataset` object and shape it as a row; raise InvalidRecord if unusable."""
+def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
+    """Validate one `Dataset` object and shape it as a row; raise InvalidRecord if unusable.
+
+    `check_text=False` skips the NUL/surrogate checks, for callers that know there are none.
+    """
     if not isinstance(record, dict):
         raise InvalidRecord(f"record is a JSON {_json_type(record)}, not an object")
-    dataset_id = _text(record, "dataset_id", MAX_ID_LENGTH, required=True, empty_ok=False)
-    name = _text(record, "name", MAX_NAME_LENGTH, required=True, empty_ok=True)
-    user_id = _text(record, "user_id", MAX_ID_LENGTH, required=True, empty_ok=False)
+    dataset_id = _text(record, "dataset_id", MAX_ID_LENGTH, False, check_text)
+    name = _text(record, "name", MAX_NAME_LENGTH, True, check_text)
+    user_id = _text(record, "user_id", MAX_ID_LENGTH, False, check_text)
     raw_time = record.get("creation_time")
     if not isinstance(raw_time, str):
         raise InvalidRecord(_missing_or_type("creation_time", raw_time, "string"))
@@ -187,12 +196,12 @@ def parse_record(record: Any) -> DatasetRow:
             raise InvalidRecord(
                 f"cover_asset_identifier is a JSON {_json_type(cover)}, not an object or null"
             )
-        cover_type = _text(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, True, False, "cover.")
-        cover_id = _text(cover, "asset_id", MAX_ID_LENGTH, True, False, "cover.")
+        cover_type = _text(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, False, check_text, "cover.")
+        cover_id = _text(cover, "asset_id", MAX_ID_LENGTH, False, check_text, "cover.")
         cover_extra = {k: v for k, v in cover.items() if k not in _KNOWN_COVER_FIELDS}
         if cover_extra:
             extra["cover_asset_identifier"] = cover_extra
-    if extra:
+    if extra and check_text:
         _check_json_text(extra)
     return DatasetRow(
         dataset_id=dataset_id,
@@ -212,19 +221,19 @@ def _text(
     obj: dict[str, Any],
     key: str,
     max_length: int,
-    required: bool,
     empty_ok: bool,
+    check_text: bool,
     prefix: str = "",
 ) -> str:
     value = obj.get(key)
-    label = prefix + key
     if not isinstance(value, str):
-        raise InvalidRecord(_missing_or_type(label, value, "string"))
+        raise InvalidRecord(_missing_or_type(prefix + key, value, "string"))
     if not empty_ok and not value.strip():
-        raise InvalidRecord(f"{label} is empty")
+        raise InvalidRecord(f"{prefix}{key} is empty")
     if len(value) > max_length:
-        raise InvalidRecord(f"{label} is {len(value)} characters long (at most {max_length})")
-    _check_storable(value, label)
+        raise InvalidRecord(f"{prefix}{key} is {len(value)} characters long (at most {max_length})")
+    if check_text:
+        _check_storable(value, prefix + key)
     return value
 
 

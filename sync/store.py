@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, insert, select, update
@@ -160,9 +161,8 @@ def _write_history(
             .where(dataset_history.c.dataset_id.in_(batch), dataset_history.c.valid_to.is_(None))
             .values(valid_to=now)
         )
-    for batch in _batches(versions):
-        step()
-        conn.execute(insert(dataset_history), batch)
+    if versions:
+        bulk_execute(conn, insert(dataset_history), versions, step)
 
 
 def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[str]:
@@ -251,12 +251,73 @@ def _no_checkpoint() -> None:
 
 
 def _upsert(conn: Connection, rows: Sequence[dict[str, Any]], step: Callable[[], None]) -> None:
-    if not rows:
-        return
-    stmt = upsert_statement(conn.dialect.name)
+    if rows:
+        bulk_execute(conn, upsert_statement(conn.dialect.name), rows, step)
+
+
+_TIMESTAMPS = frozenset(
+    {"creation_time", "first_seen_at", "updated_at", "deleted_at", "valid_from", "valid_to"}
+)
+_JSON = frozenset({"extra"})
+
+
+def _sqlite_timestamp(value: datetime | None) -> str | None:
+    # SQLAlchemy's SQLite DATETIME storage format, so its reads parse what we write.
+    if value is None:
+        return None
+    value = value.astimezone(UTC)
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
+    )
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def bulk_execute(
+    conn: Connection,
+    statement: Insert,
+    rows: Sequence[dict[str, Any]],
+    step: Callable[[], None] = lambda: None,
+) -> None:
+    """executemany `statement` over `rows` in batches, converting values once per row.
+
+    Same SQL and the same stored values as `conn.execute(statement, rows)` (models.UTCDateTime,
+    JSON), but without SQLAlchemy's per-value type processing, which dominated bulk writes.
+    """
+    dialect = conn.dialect
+    keys = list(rows[0])
+    compiled = statement.compile(dialect=dialect, column_keys=keys)
+    if dialect.name == "sqlite":
+        to_timestamp = _sqlite_timestamp
+    elif dialect.name in ("mysql", "mariadb"):
+        to_timestamp = _naive_utc
+    else:
+        to_timestamp = _aware_utc
+    convert: dict[str, Callable[[Any], Any]] = {k: to_timestamp for k in keys if k in _TIMESTAMPS}
+    convert.update({k: _json for k in keys if k in _JSON})
+    positional = dialect.paramstyle in ("qmark", "numeric", "format")
+    order = list(compiled.positiontup or []) if positional else keys
+    getters = [(name, convert.get(name)) for name in order]
     for batch in _batches(rows):
         step()
-        conn.execute(stmt, batch)
+        if positional:
+            params: list[Any] = [
+                tuple(f(row[k]) if f else row[k] for k, f in getters) for row in batch
+            ]
+        else:
+            params = [{k: f(row[k]) if f else row[k] for k, f in getters} for row in batch]
+        conn.exec_driver_sql(compiled.string, params)
 
 
 def _soft_delete(

@@ -31,13 +31,10 @@ def content_hash(
     extra: dict[str, Any] | None,
 ) -> str:
     """Frozen copy of sync.records.content_hash as of this migration (a test keeps them equal)."""
-    canonical = json.dumps(
-        [name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id, extra],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
+    canonical = repr((name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id))
+    if extra is not None:
+        canonical += json.dumps(extra, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _utc(value: datetime | str) -> datetime:
