@@ -299,12 +299,25 @@ def bulk_execute(
     keys = list(rows[0])
     compiled = statement.compile(dialect=dialect, column_keys=keys)
     if dialect.name == "sqlite":
-        to_timestamp = _sqlite_timestamp
+        raw = _sqlite_timestamp
     elif dialect.name in ("mysql", "mariadb"):
-        to_timestamp = _naive_utc
+        raw = _naive_utc
     else:
-        to_timestamp = _aware_utc
+        raw = _aware_utc
+    # The bookkeeping timestamps of a run are all the same `now` (or None): convert
+    # each value once. creation_time differs per row and is converted directly.
+    seen: dict[datetime | None, Any] = {}
+
+    def to_timestamp(value: datetime | None) -> Any:
+        try:
+            return seen[value]
+        except KeyError:
+            converted = seen[value] = raw(value)
+            return converted
+
     convert: dict[str, Callable[[Any], Any]] = {k: to_timestamp for k in keys if k in _TIMESTAMPS}
+    if "creation_time" in convert:
+        convert["creation_time"] = raw
     convert.update({k: _json for k in keys if k in _JSON})
     positional = dialect.paramstyle in ("qmark", "numeric", "format")
     order = list(compiled.positiontup or []) if positional else keys
