@@ -332,3 +332,37 @@ def test_postgresql_schema_holds_everything(cli, fake_api: FakeApi, tmp_path: Pa
         # A second run finds the schema at head and changes nothing.
         again = cli("--config", "s.toml", "--database-url", url, "run", "--no-migrate")
         assert again.code == 0, again.err
+
+
+def test_status_max_age(cli, fake_api: FakeApi, sqlite_url: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sync.models import sync_runs as runs_table
+
+    never = cli("--database-url", sqlite_url, "status", "--max-age", "2h")
+    assert never.code == 4 and "no successful run yet" in never.err
+
+    fake_api.datasets = [dataset("a")]
+    assert cli("--database-url", sqlite_url, "run").code == 0
+    fresh = cli("--database-url", sqlite_url, "status", "--max-age", "2h")
+    assert fresh.code == 0, fresh.err
+
+    # Age the success: three hours ago is older than 2h but younger than 1d.
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(runs_table).values(finished_at=datetime.now(UTC) - timedelta(hours=3))
+        )
+    engine.dispose()
+    stale = cli("--database-url", sqlite_url, "status", "--max-age", "2h")
+    assert stale.code == 4 and "stale: account default: last success" in stale.err
+    assert cli("--database-url", sqlite_url, "status", "--max-age", "1d").code == 0
+
+    fake_api.push(Reply(500))
+    (tmp_path / "f.toml").write_text("[api]\nmax_retries = 0\n")
+    assert cli("--config", "f.toml", "--database-url", sqlite_url, "run").code == 1
+    failed = cli("--database-url", sqlite_url, "status", "--max-age", "1d")
+    assert failed.code == 4 and "its last run failed" in failed.err
+
+    bad = cli("--database-url", sqlite_url, "status", "--max-age", "soon")
+    assert bad.code == 2 and "--max-age must be a duration" in bad.err
