@@ -1,0 +1,53 @@
+"""The benchmark still works: `benchmarks/bench_sync.py --quick` at N = 1,000, no timing checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks" / "bench_sync.py"
+PHASES = ("first", "unchanged", "changed_1pct")
+TOOL_KEYS = {"median_s", "rows_per_s", "peak_rss_mb", "wall_s", "rss_mb"}
+
+
+def test_benchmark_quick_run_writes_results_for_every_phase(tmp_path: Path) -> None:
+    """--quick exits 0 and reports project and baseline numbers for each backend and phase."""
+    backends = ["sqlite"]
+    args = [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path / "out")]
+    postgres_url = os.environ.get("TEST_POSTGRES_URL")
+    if postgres_url:
+        backends.append("postgresql")
+        args += ["--postgres-url", postgres_url]
+    args += ["--backends", ",".join(backends)]
+
+    result = subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (tmp_path / "out" / "results.md").read_text().startswith("# ideogram-sync benchmark")
+    assert {"meta", "startup", "results", "targets"} <= report.keys()
+    assert set(report["meta"]["backends"]) == set(backends)
+    assert {"help", "status"} <= report["startup"].keys()
+    for item in report["startup"].values():
+        assert item["median_s"] > 0
+    found = {(r["backend"], r["n"], r["phase"]): r for r in report["results"]}
+    assert set(found) == {(b, 1000, p) for b in backends for p in PHASES}
+    for row in found.values():
+        assert row["repeat"] == 1
+        assert row["ratio"] > 0
+        for tool in ("project", "baseline"):
+            assert row[tool].keys() >= TOOL_KEYS
+            assert len(row[tool]["wall_s"]) == 1
+            assert row[tool]["peak_rss_mb"] > 0
+    # At N = 1,000 only the start-up targets can be checked; each has a verdict.
+    assert {t["target"] for t in report["targets"]} == {
+        "`ideogram-sync --help` start-up",
+        "`ideogram-sync status` start-up",
+    }
+    assert all(isinstance(t["pass"], bool) for t in report["targets"])
