@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from sync.errors import ResponseError
 MAX_ID_LENGTH = 255
 MAX_NAME_LENGTH = 1024
 MAX_ASSET_TYPE_LENGTH = 64
+MAX_EXTRA_DEPTH = 30
 
 _KNOWN_FIELDS = frozenset(
     {"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"}
@@ -121,7 +123,10 @@ def parse_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         # The API documents UTC; a time without an offset is read as UTC.
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 falls before year 1 in UTC
+        raise ValueError(f"out of range once converted to UTC: {_short(value)}") from None
 
 
 def parse_listing(body: bytes | str) -> Listing:
@@ -151,9 +156,11 @@ def parse_listing(body: bytes | str) -> Listing:
     listing = Listing(seen=len(records))
     # NUL and lone surrogates can only come from escapes (or, in bytes, encoded
     # surrogates); a body without any needs no per-string check.
-    check_text = bool(
-        (_RISKY_BYTES if isinstance(body, bytes) else _RISKY_TEXT).search(body)  # type: ignore[arg-type]
-    )
+    if isinstance(body, bytes):
+        # The byte patterns only mean something in UTF-8; other encodings get every check.
+        check_text = json.detect_encoding(body) != "utf-8" or bool(_RISKY_BYTES.search(body))
+    else:
+        check_text = bool(_RISKY_TEXT.search(body))
     for index, record in enumerate(records):
         dataset_id = _usable_id(record)
         try:
@@ -201,8 +208,8 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
         cover_extra = {k: v for k, v in cover.items() if k not in _KNOWN_COVER_FIELDS}
         if cover_extra:
             extra["cover_asset_identifier"] = cover_extra
-    if extra and check_text:
-        _check_json_text(extra)
+    if extra:
+        _check_extra(extra, check_text)
     return DatasetRow(
         dataset_id=dataset_id,
         name=name,
@@ -248,16 +255,27 @@ def _check_storable(value: str, label: str) -> None:
         raise InvalidRecord(f"{label} contains invalid Unicode (a lone surrogate)") from None
 
 
-def _check_json_text(value: Any, label: str = "an unknown field") -> None:
+def _check_extra(value: Any, check_text: bool, depth: int = 0) -> None:
+    # Unknown fields are stored as JSON: every database must accept them, so no
+    # NaN/Infinity (not JSON; PostgreSQL and MariaDB refuse them) and no nesting deeper
+    # than MariaDB's JSON accepts (32 levels), which also keeps encoding them from
+    # hitting Python's recursion limit.
+    if depth > MAX_EXTRA_DEPTH:
+        raise InvalidRecord(f"an unknown field is nested more than {MAX_EXTRA_DEPTH} levels deep")
     if isinstance(value, str):
-        _check_storable(value, label)
+        if check_text:
+            _check_storable(value, "an unknown field")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRecord("an unknown field holds NaN or Infinity, which is not JSON")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_storable(k, label)
-            _check_json_text(v, label)
+            if check_text:
+                _check_storable(k, "an unknown field")
+            _check_extra(v, check_text, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_json_text(item, label)
+            _check_extra(item, check_text, depth + 1)
 
 
 def _usable_id(record: Any) -> str | None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 from hypothesis import HealthCheck, event, given, note, settings
@@ -648,7 +647,7 @@ def test_random_listings_keep_table_history_and_counts_right(db_url: str) -> Non
         engine.dispose()
 
 
-# --- known counterexamples to the properties (bugs in sync/, kept visible) ----------------
+# --- regressions: counterexamples the properties found (fixed in 46383bc) -----------------
 
 
 def _sync_bodies(db_url: str, bodies: list[list[dict[str, Any]]]) -> list[Snapshot]:
@@ -676,6 +675,7 @@ def _record_with(**extra: Any) -> dict[str, Any]:
 
 
 def test_bool_replacing_int_is_a_change(db_url: str) -> None:
+    # Python's == says True == 1: rows are compared by a digest of the API's JSON instead.
     first, second = _sync_bodies(db_url, [[_record_with(flag=1)], [_record_with(flag=True)]])
     run = second.runs[max(second.runs)]
     assert canonical(second.datasets["a"]["extra"]) == canonical({"flag": True})
@@ -683,7 +683,7 @@ def test_bool_replacing_int_is_a_change(db_url: str) -> None:
     assert len(second.history) == len(first.history) + 1
 
 
-def test_same_float_twice_is_unchanged(db_url: str, request: pytest.FixtureRequest) -> None:
+def test_same_float_twice_is_unchanged(db_url: str) -> None:
     # Rows are compared by a digest of the API's JSON, not by what JSONB hands back
     # (it returns 1e23 as the integer 100000000000000000000000).
     first, second = _sync_bodies(db_url, [[_record_with(score=1e23)], [_record_with(score=1e23)]])
