@@ -154,8 +154,10 @@ def migrate(
         with engine.begin() as connection:
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     before = current_revision(engine)
-    with engine.begin() as connection:
-        _serialize_migrations(connection)
+    with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Held until this transaction commits: the next process sees our version.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470021)")
         try:
             command.upgrade(alembic_config(connection), target)
         except AlembicError as exc:
@@ -163,9 +165,6 @@ def migrate(
                 f"cannot migrate the database from {before or 'empty'}: {exc}; if a newer "
                 "ideogram-sync migrated it, upgrade this installation"
             ) from None
-        finally:
-            if connection.dialect.name in ("mysql", "mariadb"):
-                connection.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_migrate')")
     after = current_revision(engine)
     if before != after:
         log.info("migrated database from %s to %s", before or "empty", after)
@@ -201,17 +200,26 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                     conn.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_write')")
 
 
-def _serialize_migrations(connection: Connection) -> None:
-    # Two processes starting on a new database must not both create the tables:
-    # the second waits here, then Alembic sees the first one's version and does nothing.
-    # (SQLite needs nothing: BEGIN IMMEDIATE already serializes writers.)
-    name = connection.dialect.name
-    if name == "postgresql":
-        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470021)")
-    elif name in ("mysql", "mariadb"):
-        got = connection.exec_driver_sql("SELECT GET_LOCK('ideogram_sync_migrate', 120)").scalar()
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    # Two processes starting on a new database must not both create the tables: the
+    # second waits, then Alembic sees the first one's version and does nothing. MySQL's
+    # named lock lives on its own connection and is released only after the migration
+    # transaction has committed (released earlier, the next process would still read the
+    # old version and migrate again). PostgreSQL takes a transaction-level advisory lock
+    # in `migrate`; SQLite needs nothing: BEGIN IMMEDIATE already serializes writers.
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        yield
+        return
+    with engine.connect() as holder:
+        got = holder.exec_driver_sql("SELECT GET_LOCK('ideogram_sync_migrate', 120)").scalar()
         if got != 1:
             raise DatabaseError("timed out waiting for another process to finish migrating")
+        try:
+            yield
+        finally:
+            with suppress(SQLAlchemyError):
+                holder.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_migrate')")
 
 
 def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseError:

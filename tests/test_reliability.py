@@ -88,7 +88,8 @@ def test_concurrent_runs_exactly_one_syncs(
         fake_api.gate.set()
     results = [(p.wait(60), *p.communicate()) for p in procs]
     codes = sorted(code for code, _, _ in results)
-    assert codes == [0] + [5] * (processes - 1), results
+    unexpected = [err for code, _, err in results if code not in (0, 5)]
+    assert codes == [0] + [5] * (processes - 1), unexpected or results
     for code, _out, err in results:
         if code == 5:
             assert "another run for account default is in progress" in err, err
