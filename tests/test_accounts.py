@@ -137,24 +137,21 @@ def test_a_dataset_listed_by_two_accounts(
     cli, fake_api: FakeApi, db_url: str, accounts_config: str
 ) -> None:
     """Documented in docs/accounts.md: the account that has it keeps it; no ping-pong."""
+
+    def sync(*accounts: str) -> int:
+        chosen = [arg for name in accounts for arg in ("--account", name)]
+        return int(
+            cli(
+                "--config", accounts_config, "--database-url", db_url, "run", *chosen, env=KEYS
+            ).code
+        )
+
     shared = dataset("shared", "v1")
     fake_api.by_key = {"sk-alpha-0001": [shared], "sk-beta-0002": [], "sk-gamma-0003": []}
-    assert (
-        cli(
-            "--config",
-            accounts_config,
-            "--database-url",
-            db_url,
-            "run",
-            "--account",
-            "alpha",
-            env=KEYS,
-        ).code
-        == 0
-    )
+    assert sync("alpha") == 0
     fake_api.by_key["sk-beta-0002"] = [shared]
     for _ in range(2):
-        assert cli("--config", accounts_config, "--database-url", db_url, "run", env=KEYS).code == 0
+        assert sync() == 0
     (row,) = rows(db_url)
     assert row["account"] == "alpha"
     assert len(rows(db_url, "dataset_history")) == 1  # beta's runs changed nothing
@@ -162,51 +159,15 @@ def test_a_dataset_listed_by_two_accounts(
 
     # beta sees a rename first: the content follows, the row stays alpha's.
     fake_api.by_key["sk-beta-0002"] = [dataset("shared", "v2")]
-    assert (
-        cli(
-            "--config",
-            accounts_config,
-            "--database-url",
-            db_url,
-            "run",
-            "--account",
-            "beta",
-            env=KEYS,
-        ).code
-        == 0
-    )
+    assert sync("beta") == 0
     (row,) = rows(db_url)
     assert (row["account"], row["name"]) == ("alpha", "v2")
 
     # alpha loses it: alpha's run soft-deletes it; beta's next run restores it as beta's.
     fake_api.by_key["sk-alpha-0001"] = []
-    assert (
-        cli(
-            "--config",
-            accounts_config,
-            "--database-url",
-            db_url,
-            "run",
-            "--account",
-            "alpha",
-            env=KEYS,
-        ).code
-        == 0
-    )
+    assert sync("alpha") == 0
     assert rows(db_url)[0]["deleted_at"] is not None
-    assert (
-        cli(
-            "--config",
-            accounts_config,
-            "--database-url",
-            db_url,
-            "run",
-            "--account",
-            "beta",
-            env=KEYS,
-        ).code
-        == 0
-    )
+    assert sync("beta") == 0
     (row,) = rows(db_url)
     assert (row["account"], row["deleted_at"]) == ("beta", None)
     changes = [
