@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -25,7 +26,9 @@ DATASETS_PATH = "/datasets"
 USER_AGENT = f"ideogram-dataset-sync/{__version__} (+python-requests/{requests.__version__})"
 # Transient answers worth another try; 4xx other than 429 will not change on retry.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024
+# Bodies up to this size stay in memory; larger ones go to a file in TMPDIR.
+SPOOL_IN_MEMORY = 32 * 1024 * 1024
 
 
 def make_session(api: ApiSettings, api_key: str) -> requests.Session:
@@ -55,10 +58,12 @@ def make_session(api: ApiSettings, api_key: str) -> requests.Session:
 
 def fetch_datasets(
     session: requests.Session, api: ApiSettings, cancel: threading.Event | None = None
-) -> bytes:
-    """GET /datasets within api.deadline_seconds; raise ApiError/AuthError/ResponseError.
+) -> BinaryIO:
+    """GET /datasets within api.deadline_seconds into a file (at 0); raise ApiError/AuthError/ResponseError.
 
-    Setting `cancel` abandons the fetch at once (raises Cancelled).
+    The body goes to a temporary file (in memory while small), not into one big bytes
+    object, so a huge listing is parsed as a stream. Setting `cancel` abandons the fetch
+    at once (raises Cancelled).
     """
     outcome: dict[str, Any] = {}
 
@@ -86,11 +91,11 @@ def fetch_datasets(
         )
     if "error" in outcome:
         raise outcome["error"]
-    body: bytes = outcome["body"]
+    body: BinaryIO = outcome["body"]
     return body
 
 
-def _fetch(session: requests.Session, api: ApiSettings) -> bytes:
+def _fetch(session: requests.Session, api: ApiSettings) -> BinaryIO:
     url = api.base_url + DATASETS_PATH
     attempts = f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
     try:
@@ -113,14 +118,13 @@ def _fetch(session: requests.Session, api: ApiSettings) -> bytes:
         ) from None
     with response:
         _check_status(response, url, attempts)
-        body = _read_body(response, api.max_response_bytes, url)
-    content_type = response.headers.get("Content-Type", "")
-    if content_type and "json" not in content_type.lower():
-        raise ResponseError(
-            f"the Ideogram API at {url} answered 200 with {content_type.split(';')[0]} "
-            "instead of JSON; check api.base_url (a proxy or login page may be in the way)"
-        )
-    return body
+        content_type = response.headers.get("Content-Type", "")
+        if content_type and "json" not in content_type.lower():
+            raise ResponseError(
+                f"the Ideogram API at {url} answered 200 with {content_type.split(';')[0]} "
+                "instead of JSON; check api.base_url (a proxy or login page may be in the way)"
+            )
+        return _read_body(response, api.max_response_bytes, url)
 
 
 def _check_status(response: requests.Response, url: str, attempts: str) -> None:
@@ -153,24 +157,36 @@ def _check_status(response: requests.Response, url: str, attempts: str) -> None:
     raise ApiError(f"the Ideogram API at {url} answered {label}{detail}; check api.base_url")
 
 
-def _read_body(response: requests.Response, limit: int, url: str) -> bytes:
+def _read_body(response: requests.Response, limit: int, url: str) -> BinaryIO:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ResponseError(_too_large(url, limit))
-    chunks: list[bytes] = []
+    # Closed by the caller (job.py reads it in a with block), or below on failure.
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="ideogram-sync-")  # noqa: SIM115
     size = 0
     try:
         for chunk in response.iter_content(_CHUNK):
             size += len(chunk)
             if size > limit:
                 raise ResponseError(_too_large(url, limit))
-            chunks.append(chunk)
+            spool.write(chunk)
     except requests.exceptions.RequestException as exc:
+        spool.close()
         raise ApiError(
             f"the connection to the Ideogram API broke while reading the response from {url}: "
             f"{_reason(exc)}; the next run will try again"
         ) from None
-    return b"".join(chunks)
+    except OSError as exc:
+        spool.close()
+        raise ApiError(
+            f"cannot buffer the response from {url} in a temporary file "
+            f"({exc.strerror or exc}); set TMPDIR to a writable folder with room for it"
+        ) from None
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool  # type: ignore[return-value]
 
 
 def _too_large(url: str, limit: int) -> str:

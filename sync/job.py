@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +27,7 @@ from sync.errors import (
     Terminated,
 )
 from sync.lock import Lease
-from sync.records import Listing, parse_listing
+from sync.records import ListingStream, last_occurrences
 from sync.store import Counts
 
 log = logging.getLogger(__name__)
@@ -201,10 +203,10 @@ def sync_accounts(
 
 def _fetcher(
     account: Account, api_key: str | None, body: bytes | None, cancel: threading.Event | None
-) -> Callable[[], bytes]:
-    def fetch() -> bytes:
+) -> Callable[[], BinaryIO]:
+    def fetch() -> BinaryIO:
         if body is not None:
-            return body
+            return io.BytesIO(body)
         assert api_key is not None
         with client.make_session(account.api, api_key) as session:
             return client.fetch_datasets(session, account.api, cancel)
@@ -226,13 +228,13 @@ def _run(
     engine: Engine,
     lease: Lease,
     run_id: int,
-    fetch: Callable[[], bytes],
+    fetch: Callable[[], BinaryIO],
     max_delete_fraction: float | None,
     step: Callable[[], None],
     clock: Callable[[], datetime],
 ) -> Counts:
     url = settings.database.url
-    listing: Listing | None = None
+    applied: store.Applied | None = None
     try:
         try:
             orphans = runs.abandon_orphans(engine, account.name, run_id, clock())
@@ -245,38 +247,63 @@ def _run(
                 account.name,
             )
         step()
-        listing = parse_listing(fetch())
-        _report(listing, settings.sync.on_invalid_record)
-        step()
-        try:
-            with write_transaction(engine) as conn:
-                # Fencing: if our lease was taken over, this raises and rolls back.
-                lease.check(conn)
-                counts = store.apply(
-                    conn, account.name, listing, run_id, clock(), max_delete_fraction, step
-                )
-                runs.finish_run(conn, run_id, counts, clock())
-                step()
-        except SQLAlchemyError as exc:
-            raise database_error(exc, url, "writing the datasets") from exc
+        with fetch() as body:
+            step()
+
+            def write(last: dict[str, int] | None) -> store.Applied:
+                body.seek(0)
+                with write_transaction(engine) as conn:
+                    # Fencing: if our lease was taken over, this raises and rolls back.
+                    lease.check(conn)
+                    nonlocal applied
+                    result = applied = store.apply(
+                        conn,
+                        account.name,
+                        ListingStream(body),
+                        run_id,
+                        clock(),
+                        max_delete_fraction,
+                        step,
+                        last,
+                    )
+                    _report(result, settings.sync.on_invalid_record)
+                    runs.finish_run(conn, run_id, result.counts, clock())
+                    step()
+                return result
+
+            try:
+                try:
+                    applied = write(None)
+                except store.NeedsCarefulPass as again:
+                    # Rolled back: the listing repeats an id whose first record was
+                    # already written. Rare; read it twice so only the last one counts.
+                    log.warning(
+                        "dataset %s is listed more than once; reading the listing twice",
+                        again.args[0],
+                    )
+                    body.seek(0)
+                    applied = write(last_occurrences(ListingStream(body)))
+            except SQLAlchemyError as exc:
+                raise database_error(exc, url, "writing the datasets") from exc
     except BaseException as exc:
-        _record_failure(engine, url, run_id, exc, listing, clock)
+        _record_failure(engine, url, run_id, exc, applied, clock)
         raise
-    return counts
+    return applied.counts
 
 
-def _report(listing: Listing, policy: str) -> None:
-    for dataset_id in listing.duplicates:
+def _report(applied: store.Applied, policy: str) -> None:
+    for dataset_id in applied.duplicates[:MAX_LOGGED_REJECTS]:
         log.warning("dataset %s is listed more than once; the last entry wins", dataset_id)
-    for reject in listing.rejects[:MAX_LOGGED_REJECTS]:
+    for reject in applied.rejects[:MAX_LOGGED_REJECTS]:
         where = f"dataset {reject.dataset_id}" if reject.dataset_id else f"record #{reject.index}"
         log.warning("rejected %s: %s", where, reject.reason)
-    if len(listing.rejects) > MAX_LOGGED_REJECTS:
-        log.warning("… and %d more rejected records", len(listing.rejects) - MAX_LOGGED_REJECTS)
-    if listing.rejects and policy == "fail":
-        first = listing.rejects[0]
+    rejected = applied.counts.rejected
+    if rejected > MAX_LOGGED_REJECTS:
+        log.warning("… and %d more rejected records", rejected - MAX_LOGGED_REJECTS)
+    if rejected and policy == "fail":
+        first = applied.rejects[0]
         raise InvalidRecordsError(
-            f"{len(listing.rejects)} invalid record(s) in the listing (first: "
+            f"{rejected} invalid record(s) in the listing (first: "
             f"{first.dataset_id or f'record #{first.index}'}: {first.reason}) and "
             'sync.on_invalid_record = "fail"; nothing was changed'
         )
@@ -287,7 +314,7 @@ def _record_failure(
     url: str,
     run_id: int,
     exc: BaseException,
-    listing: Listing | None,
+    applied: store.Applied | None,
     clock: Callable[[], datetime],
 ) -> None:
     if isinstance(exc, SyncError):
@@ -300,7 +327,9 @@ def _record_failure(
         message = "interrupted (shutting down)"
     else:
         message = f"internal error: {type(exc).__name__}: {exc}"
-    counts = Counts(seen=listing.seen, rejected=len(listing.rejects)) if listing else Counts()
+    # What the listing held is known once it was read in full, even if the run failed.
+    known = applied.counts if applied else getattr(exc, "counts", None)
+    counts = Counts(seen=known.seen, rejected=known.rejected) if known else Counts()
     try:
         runs.fail_run(engine, run_id, redact.redact(message), counts, clock())
     except SQLAlchemyError as db_exc:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sync.errors import ResponseError
+from sync.jsonstream import ListingStream, json_type
 
 # Column widths in sync/models.py; a longer value is rejected here rather than
 # failing (or being silently truncated by) the database.
@@ -23,11 +25,14 @@ _KNOWN_FIELDS = frozenset(
     {"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"}
 )
 _KNOWN_COVER_FIELDS = frozenset({"asset_type", "asset_id"})
-_RISKY_BYTES = re.compile(rb"\\u0000|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-_RISKY_TEXT = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[\x00\ud800-\udfff]")
 # Date, `T` or space, time with optional seconds and fraction, optional `Z` or offset.
 _TIMESTAMP = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?\s*([Zz]|[+-]\d{2}:?\d{2})?"
+)
+# The shape the API actually sends, which datetime.fromisoformat reads exactly as the
+# general path would: checked first because it is most of every listing.
+_CANONICAL_TIMESTAMP = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII
 )
 
 
@@ -102,6 +107,13 @@ class InvalidRecord(ValueError):
 
 def parse_timestamp(value: str) -> datetime:
     """Parse an ISO 8601 date-time (`T` or space, optional fraction, `Z`/offset) to aware UTC."""
+    if _CANONICAL_TIMESTAMP.fullmatch(value):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass  # e.g. month 13: the general path words the error
+        else:
+            return parsed if parsed.tzinfo is UTC else _to_utc(parsed, value)
     match = _TIMESTAMP.fullmatch(value.strip())
     if not match:
         raise ValueError(f"not an ISO 8601 date-time: {_short(value)}")
@@ -123,6 +135,10 @@ def parse_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         # The API documents UTC; a time without an offset is read as UTC.
         return parsed.replace(tzinfo=UTC)
+    return _to_utc(parsed, value)
+
+
+def _to_utc(parsed: datetime, value: str) -> datetime:
     try:
         return parsed.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 falls before year 1 in UTC
@@ -130,41 +146,19 @@ def parse_timestamp(value: str) -> datetime:
 
 
 def parse_listing(body: bytes | str) -> Listing:
-    """Parse a whole response body; raise ResponseError when it is not a usable listing."""
-    try:
-        document = json.loads(body)
-    except RecursionError:
-        raise ResponseError(
-            "the API response is nested too deeply to be a dataset listing"
-        ) from None
-    except ValueError as exc:
-        raise ResponseError(f"the API response is not valid JSON ({_short(str(exc))})") from None
-    if not isinstance(document, dict):
-        raise ResponseError(
-            f"the API response is a JSON {_json_type(document)}, not an object with a "
-            "`datasets` list"
-        )
-    if "datasets" not in document:
-        keys = ", ".join(sorted(map(str, document))[:5]) or "none"
-        raise ResponseError(f"the API response has no `datasets` field (keys: {_short(keys)})")
-    records = document["datasets"]
-    if not isinstance(records, list):
-        raise ResponseError(
-            f"`datasets` in the API response is a {_json_type(records)}, not a list"
-        )
+    """Parse a whole response body into a Listing; raise ResponseError when it is unusable.
 
-    listing = Listing(seen=len(records))
-    # NUL and lone surrogates can only come from escapes (or, in bytes, encoded
-    # surrogates); a body without any needs no per-string check.
-    if isinstance(body, bytes):
-        # The byte patterns only mean something in UTF-8; other encodings get every check.
-        check_text = json.detect_encoding(body) != "utf-8" or bool(_RISKY_BYTES.search(body))
-    else:
-        check_text = bool(_RISKY_TEXT.search(body))
-    for index, record in enumerate(records):
-        dataset_id = _usable_id(record)
+    Holds every row in memory: for tests and small bodies. The sync streams instead
+    (store.apply over a ListingStream) with the same rules.
+    """
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
+    stream = ListingStream(io.BytesIO(body))
+    listing = Listing()
+    for index, record in enumerate(stream):
+        dataset_id = usable_id(record, stream.risky)
         try:
-            row = parse_record(record, check_text)
+            row = parse_record(record, stream.risky)
         except InvalidRecord as exc:
             listing.rejects.append(Reject(index, dataset_id, str(exc)))
             if dataset_id is not None:
@@ -174,7 +168,18 @@ def parse_listing(body: bytes | str) -> Listing:
         if row.dataset_id in listing.rows:
             listing.duplicates.append(row.dataset_id)
         listing.rows[row.dataset_id] = row
+    listing.seen = stream.seen
     return listing
+
+
+def last_occurrences(stream: Iterable[Any]) -> dict[str, int]:
+    """Index of the last record of each usable dataset_id: which occurrence decides."""
+    last: dict[str, int] = {}
+    for index, record in enumerate(stream):
+        dataset_id = usable_id(record, True)
+        if dataset_id is not None:
+            last[dataset_id] = index
+    return last
 
 
 def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
@@ -183,7 +188,7 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
     `check_text=False` skips the NUL/surrogate checks, for callers that know there are none.
     """
     if not isinstance(record, dict):
-        raise InvalidRecord(f"record is a JSON {_json_type(record)}, not an object")
+        raise InvalidRecord(f"record is a JSON {json_type(record)}, not an object")
     dataset_id = _text(record, "dataset_id", MAX_ID_LENGTH, False, check_text)
     name = _text(record, "name", MAX_NAME_LENGTH, True, check_text)
     user_id = _text(record, "user_id", MAX_ID_LENGTH, False, check_text)
@@ -195,17 +200,26 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
     except ValueError as exc:
         raise InvalidRecord(f"creation_time is {exc}") from None
 
-    extra = {k: v for k, v in record.items() if k not in _KNOWN_FIELDS}
+    # Most records have exactly the known fields: skip building an empty dict the slow way.
+    extra = (
+        {}
+        if len(record) == len(_KNOWN_FIELDS) and "cover_asset_identifier" in record
+        else {k: v for k, v in record.items() if k not in _KNOWN_FIELDS}
+    )
     cover_type = cover_id = None
     cover = record.get("cover_asset_identifier")
     if cover is not None:
         if not isinstance(cover, dict):
             raise InvalidRecord(
-                f"cover_asset_identifier is a JSON {_json_type(cover)}, not an object or null"
+                f"cover_asset_identifier is a JSON {json_type(cover)}, not an object or null"
             )
         cover_type = _text(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, False, check_text, "cover.")
         cover_id = _text(cover, "asset_id", MAX_ID_LENGTH, False, check_text, "cover.")
-        cover_extra = {k: v for k, v in cover.items() if k not in _KNOWN_COVER_FIELDS}
+        cover_extra = (
+            None
+            if len(cover) == len(_KNOWN_COVER_FIELDS)
+            else {k: v for k, v in cover.items() if k not in _KNOWN_COVER_FIELDS}
+        )
         if cover_extra:
             extra["cover_asset_identifier"] = cover_extra
     if extra:
@@ -278,37 +292,60 @@ def _check_extra(value: Any, check_text: bool, depth: int = 0) -> None:
             _check_extra(item, check_text, depth + 1)
 
 
-def _usable_id(record: Any) -> str | None:
+def usable_id(record: Any, check_text: bool = True) -> str | None:
+    """The record's dataset_id if it could key a row (even if the record is rejected), else None."""
     if not isinstance(record, dict):
         return None
     value = record.get("dataset_id")
     if isinstance(value, str) and value.strip() and len(value) <= MAX_ID_LENGTH:
-        try:
-            _check_storable(value, "dataset_id")
-        except InvalidRecord:
-            return None
+        if check_text:
+            try:
+                _check_storable(value, "dataset_id")
+            except InvalidRecord:
+                return None
         return value
     return None
+
+
+def quick_hash(record: Any) -> str | None:
+    """content_hash of a record in the API's usual shape without validating it, else None.
+
+    Only for comparing with a stored hash: equal means the record says exactly what an
+    already validated and stored version said, so it needs no parsing. Unequal (or None)
+    means nothing; the caller then parses the record in full.
+    """
+    if type(record) is not dict or len(record) != 5:
+        return None
+    try:
+        raw_time = record["creation_time"]
+        cover = record["cover_asset_identifier"]
+        name = record["name"]
+        user_id = record["user_id"]
+        record["dataset_id"]
+    except KeyError:
+        return None
+    if type(raw_time) is not str:
+        return None
+    if cover is None:
+        cover_type = cover_id = None
+    elif type(cover) is dict and len(cover) == 2:
+        cover_type = cover.get("asset_type")
+        cover_id = cover.get("asset_id")
+        if type(cover_type) is not str or type(cover_id) is not str:
+            return None
+    else:
+        return None
+    # What parse_timestamp(...).isoformat() gives for the two UTC spellings; any other
+    # spelling merely misses, and a string that is no valid time cannot match a valid one.
+    iso = raw_time[:-1] + "+00:00" if raw_time.endswith("Z") else raw_time
+    canonical = repr((name, user_id, iso, cover_type, cover_id))
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _missing_or_type(label: str, value: Any, wanted: str) -> str:
     if value is None:
         return f"{label} is missing or null"
-    return f"{label} is a JSON {_json_type(value)}, not a {wanted}"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
+    return f"{label} is a JSON {json_type(value)}, not a {wanted}"
 
 
 def _short(text: str, limit: int = 80) -> str:

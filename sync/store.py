@@ -22,7 +22,15 @@ from sync.models import (
     dataset_history,
     datasets,
 )
-from sync.records import DatasetRow, Listing
+from sync.records import (
+    DatasetRow,
+    InvalidRecord,
+    ListingStream,
+    Reject,
+    parse_record,
+    quick_hash,
+    usable_id,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,67 +78,225 @@ class _Stored:
     deleted: bool
 
 
+# In the diff's memory, a stored row of this run's account that is active and has a
+# hash is just its hash (a str): most rows, held compactly. Others are a _Stored.
+_StoredValue = str | _Stored
+# Marks an id whose row this run has already written (flushed).
+_WRITTEN = _Stored("", None, False)
+MAX_KEPT_REJECTS = 20
+
+
+class NeedsCarefulPass(Exception):
+    """A dataset_id came again after its earlier record was written: apply again with `last`."""
+
+
+@dataclass
+class Applied:
+    """What apply did: the counts, plus what the log should say about the listing."""
+
+    counts: Counts
+    rejects: list[Reject]
+    duplicates: list[str]
+    complete: bool
+
+
 def apply(
     conn: Connection,
     account: str,
-    listing: Listing,
+    records: ListingStream,
     run_id: int,
     now: datetime,
     max_delete_fraction: float | None = None,
     checkpoint: Callable[[], None] | None = None,
-) -> Counts:
-    """Bring `datasets` (and its history) in line with `listing`, writing only what changed."""
-    stored = _load(conn)
-    changed: list[dict[str, Any]] = []
-    versions: list[dict[str, Any]] = []
-    superseded: list[str] = []
-    inserted = updated = unchanged = 0
-    for dataset_id, row in listing.rows.items():
-        old = stored.get(dataset_id)
-        # A dataset that another account lists too stays with the account that has
-        # it now (no ping-pong between accounts); this run only refreshes its content.
-        owner = old.account if old is not None and not old.deleted else account
+    last: dict[str, int] | None = None,
+) -> Applied:
+    """Bring `datasets` (and its history) in line with the streamed listing, writing only changes.
+
+    Rows are written in batches as the listing is read, all in the caller's transaction.
+    Raises NeedsCarefulPass when a duplicate id makes that unsafe: roll back and call again
+    with `last` = records.last_occurrences(...) of the same listing.
+    """
+    diff = _Diff(conn, account, run_id, now, checkpoint or _no_checkpoint, last)
+    for index, record in enumerate(records):
+        diff.add(index, record, records.risky)
+    return diff.finish(records.seen, max_delete_fraction)
+
+
+class _Diff:
+    """The streaming diff: one record at a time against the stored ids and hashes."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        account: str,
+        run_id: int,
+        now: datetime,
+        step: Callable[[], None],
+        last: dict[str, int] | None,
+    ) -> None:
+        self.conn = conn
+        self.account = account
+        self.run_id = run_id
+        self.now = now
+        self.step = step
+        self.last = last
+        self.stored, self.active = _load(conn, account)
+        # Ids met so far -> their stored value (None: new); _WRITTEN once flushed.
+        self.seen: dict[str, _StoredValue | None] = {}
+        self.pending: dict[str, tuple[DatasetRow, str, str]] = {}
+        self.rejected_ids: set[str] = set()
+        self.rejects: list[Reject] = []
+        self.reject_count = 0
+        self.complete = True
+        self.duplicates: list[str] = []
+        self.inserted = self.updated = self.unchanged = 0
+
+    def add(self, index: int, record: Any, check_text: bool) -> None:
+        dataset_id = usable_id(record, check_text)
+        if dataset_id is None:
+            self._reject(index, None, record, check_text)
+            return
+        if self.last is not None and self.last[dataset_id] != index:
+            # Careful pass: only the last occurrence of an id counts.
+            if self._reject(index, dataset_id, record, check_text) is None:
+                self.duplicates.append(dataset_id)
+            return
+        old = (
+            self._forget(dataset_id)
+            if dataset_id in self.seen
+            else self.stored.pop(dataset_id, None)
+        )
+        self.seen[dataset_id] = old
+        if type(old) is str and quick_hash(record) == old:
+            self.unchanged += 1
+            return
+        try:
+            row = parse_record(record, check_text)
+        except InvalidRecord as exc:
+            self._count_reject(index, dataset_id, str(exc))
+            self.rejected_ids.add(dataset_id)
+            return
+        owner = self.account
         if old is None:
-            inserted += 1
             change = CHANGE_INSERT
-        elif old.deleted or old.content_hash != row.content_hash:
-            updated += 1
-            change = CHANGE_RESTORE if old.deleted else CHANGE_UPDATE
-            superseded.append(dataset_id)
         else:
-            unchanged += 1
-            continue
-        values = _values(row, owner, run_id, now)
-        changed.append(values)
-        versions.append(_version(values, change, run_id, now))
+            stored = old if isinstance(old, _Stored) else _Stored(self.account, old, False)
+            if stored.deleted:
+                change = CHANGE_RESTORE
+            elif stored.content_hash == row.content_hash:
+                self.unchanged += 1
+                return
+            else:
+                # A dataset that another account lists too stays with the account that
+                # has it now (no ping-pong between accounts); this run only refreshes it.
+                owner = stored.account
+                change = CHANGE_UPDATE
+        if change == CHANGE_INSERT:
+            self.inserted += 1
+        else:
+            self.updated += 1
+        self.pending[dataset_id] = (row, owner, change)
+        if len(self.pending) >= BATCH_SIZE:
+            self._flush()
 
-    gone = _gone(stored, account, listing)
-    _guard_mass_delete(stored, account, len(gone), max_delete_fraction)
-    # A delete version records the content as it was: read it for those rows only.
-    for values in _load_content(conn, gone):
-        versions.append(_version(values, CHANGE_DELETE, run_id, now))
-    superseded.extend(gone)
+    def _forget(self, dataset_id: str) -> _StoredValue | None:
+        """Undo the earlier occurrence of a repeated id; return its stored value."""
+        old = self.seen[dataset_id]
+        if old is _WRITTEN:
+            raise NeedsCarefulPass(dataset_id)
+        if dataset_id in self.pending:
+            _row, _owner, change = self.pending.pop(dataset_id)
+            if change == CHANGE_INSERT:
+                self.inserted -= 1
+            else:
+                self.updated -= 1
+            self.duplicates.append(dataset_id)
+        elif dataset_id in self.rejected_ids:
+            self.rejected_ids.discard(dataset_id)
+        else:
+            self.unchanged -= 1
+            self.duplicates.append(dataset_id)
+        return old
 
-    step = checkpoint or _no_checkpoint
-    _upsert(conn, changed, step)
-    _soft_delete(conn, gone, run_id, now, step)
-    _write_history(conn, superseded, versions, now, step)
-    return Counts(
-        seen=listing.seen,
-        inserted=inserted,
-        updated=updated,
-        unchanged=unchanged,
-        deleted=len(gone),
-        rejected=len(listing.rejects),
-    )
+    def _reject(
+        self, index: int, dataset_id: str | None, record: Any, check_text: bool
+    ) -> Reject | None:
+        """Parse `record` only to say why it is rejected; None if it is valid after all."""
+        try:
+            parse_record(record, check_text)
+        except InvalidRecord as exc:
+            return self._count_reject(index, dataset_id, str(exc))
+        return None
+
+    def _count_reject(self, index: int, dataset_id: str | None, reason: str) -> Reject:
+        reject = Reject(index, dataset_id, reason)
+        self.reject_count += 1
+        if len(self.rejects) < MAX_KEPT_REJECTS:
+            self.rejects.append(reject)
+        if dataset_id is None:
+            # A record without a usable id might be any of ours: deleting on its
+            # absence could delete a dataset that still exists.
+            self.complete = False
+        return reject
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        self.step()
+        batch = list(self.pending.items())
+        self.pending.clear()
+        values = [_values(row, owner, self.run_id, self.now) for _id, (row, owner, _c) in batch]
+        superseded = [
+            dataset_id for dataset_id, (_r, _o, change) in batch if change != CHANGE_INSERT
+        ]
+        versions = [
+            _version(v, change, self.run_id, self.now)
+            for v, (_id, (_r, _o, change)) in zip(values, batch, strict=True)
+        ]
+        _upsert(self.conn, values, self.step)
+        _write_history(self.conn, superseded, versions, self.now, self.step)
+        for dataset_id, _entry in batch:
+            self.seen[dataset_id] = _WRITTEN
+
+    def finish(self, seen: int, max_delete_fraction: float | None) -> Applied:
+        self._flush()
+        gone: list[str] = []
+        if self.complete:
+            gone = sorted(
+                dataset_id
+                for dataset_id, old in self.stored.items()
+                if type(old) is str or (old.account == self.account and not old.deleted)
+            )
+        elif self.stored:
+            log.warning(
+                "a rejected record had no usable dataset_id, so this run soft-deletes nothing"
+            )
+        counts = Counts(
+            seen=seen,
+            inserted=self.inserted,
+            updated=self.updated,
+            unchanged=self.unchanged,
+            deleted=len(gone),
+            rejected=self.reject_count,
+        )
+        try:
+            _guard_mass_delete(self.account, len(gone), self.active, max_delete_fraction)
+        except MassDeleteRefused as exc:
+            exc.counts = counts  # type: ignore[attr-defined]  # for the failed run's row
+            raise
+        # A delete version records the content as it was: read it for those rows only.
+        versions = [
+            _version(values, CHANGE_DELETE, self.run_id, self.now)
+            for values in _load_content(self.conn, gone)
+        ]
+        _soft_delete(self.conn, gone, self.run_id, self.now, self.step)
+        _write_history(self.conn, gone, versions, self.now, self.step)
+        return Applied(counts, self.rejects, self.duplicates, self.complete)
 
 
-def _guard_mass_delete(
-    stored: dict[str, _Stored], account: str, deleting: int, fraction: float | None
-) -> None:
+def _guard_mass_delete(account: str, deleting: int, active: int, fraction: float | None) -> None:
     if fraction is None or not deleting:
         return
-    active = sum(1 for old in stored.values() if old.account == account and not old.deleted)
     if deleting / active > fraction:
         raise MassDeleteRefused(
             f"this listing would soft-delete {deleting} of {active} active datasets of account "
@@ -165,37 +331,30 @@ def _write_history(
         bulk_execute(conn, insert(dataset_history), versions, step)
 
 
-def _gone(stored: dict[str, _Stored], account: str, listing: Listing) -> list[str]:
-    if not listing.complete:
-        # A record without a usable id might be any of ours: deleting on its
-        # absence could delete a dataset that still exists.
-        log.warning("a rejected record had no usable dataset_id, so this run soft-deletes nothing")
-        return []
-    protected = listing.protected_ids
-    return sorted(
-        dataset_id
-        for dataset_id, old in stored.items()
-        if old.account == account
-        and not old.deleted
-        and dataset_id not in listing.rows
-        and dataset_id not in protected
-    )
-
-
-def _load(conn: Connection) -> dict[str, _Stored]:
+def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]:
+    """Every stored row's id and what the diff needs of it; and this account's active count."""
     # The table is keyed on dataset_id alone, so a dataset another account saw is
-    # still "this row": load every row once, but only what the diff needs (no
-    # timestamps or JSON to convert).
+    # still "this row": load every row, but only what the diff needs (no timestamps or
+    # JSON to convert), straight from the driver's cursor.
     query = select(
         datasets.c.dataset_id,
         datasets.c.account,
         datasets.c.content_hash,
         datasets.c.deleted_at.is_not(None),
     )
-    return {
-        r[0]: _Stored(account=r[1], content_hash=r[2], deleted=bool(r[3]))
-        for r in conn.execute(query)
-    }
+    compiled = query.compile(dialect=conn.dialect)
+    stored: dict[str, _StoredValue] = {}
+    active = 0
+    cursor = conn.exec_driver_sql(compiled.string).cursor
+    while rows := cursor.fetchmany(10_000):
+        for dataset_id, owner, digest, deleted in rows:
+            if owner == account and not deleted:
+                active += 1
+                if digest is not None:
+                    stored[dataset_id] = digest
+                    continue
+            stored[dataset_id] = _Stored(owner, digest, bool(deleted))
+    return stored, active
 
 
 def _load_content(conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:

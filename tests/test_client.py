@@ -26,7 +26,7 @@ def api(fake: FakeApi, **overrides: object) -> ApiSettings:
 def fetch(fake: FakeApi, **overrides: object) -> bytes:
     settings = api(fake, **overrides)
     with make_session(settings, "sk-client-test") as session:
-        return fetch_datasets(session, settings)
+        return fetch_datasets(session, settings).read()
 
 
 def test_sends_key_user_agent_and_accept(fake_api: FakeApi) -> None:

@@ -459,10 +459,10 @@ def test_hand_written_bodies(name: str) -> None:
     assert len(listing.rejects) == rejects
 
 
-def test_duplicate_keys_take_the_last_value() -> None:
-    """Python's json keeps the last of duplicate keys; a later empty `datasets` wins."""
-    listing = parse_listing(b'{"datasets": [' + json.dumps(GOOD).encode() + b'], "datasets": []}')
-    assert listing.rows == {} and listing.seen == 0 and listing.complete
+def test_duplicate_datasets_keys_refuse_the_body() -> None:
+    """Two `datasets` lists: json.loads would keep the last (maybe empty, deleting everything)."""
+    with pytest.raises(ResponseError, match="more than one `datasets` field"):
+        parse_listing(b'{"datasets": [' + json.dumps(GOOD).encode() + b'], "datasets": []}')
 
 
 # --- end to end through the CLI and the fake API ----------------------------------------

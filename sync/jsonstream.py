@@ -1,0 +1,224 @@
+"""Decode a `GET /datasets` body from a file one record at a time, never the whole body at once.
+
+`json.loads` of a million-dataset body holds the bytes, the text and every record as Python
+objects at the same time (over a gigabyte). This reads the file in chunks and hands out each
+element of the top-level `datasets` array as soon as it is complete, using the standard
+library's own C scanner (`JSONDecoder.raw_decode`) for every value, so what it accepts is
+exactly what `json.loads` accepts.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from sync.errors import ResponseError
+
+CHUNK_SIZE = 1 << 20
+# NUL and lone surrogates can only come from escapes (or undecodable bytes, which
+# `surrogatepass` turns into lone surrogates): text without any needs no per-string check.
+_RISKY = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[\x00\ud800-\udfff]")
+# Longest risky pattern is 6 characters; keep that much of the previous chunk to
+# catch one split across two chunks.
+_OVERLAP = 6
+_WS = re.compile(r"[ \t\n\r]*")
+_decode = json.JSONDecoder().raw_decode
+
+
+class ListingStream:
+    """Iterate the records of a listing body read from a binary file (at most once).
+
+    Raises ResponseError, while iterating, when the body is not an object with exactly one
+    `datasets` array. `risky` turns True once any text read so far could hold a NUL or a
+    lone surrogate; a record handed out while it is False holds neither.
+    """
+
+    def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+        self._file = file
+        self._chunk = chunk_size
+        self._buf = ""
+        self._pos = 0
+        self._offset = 0  # characters dropped from the front of _buf so far
+        self._eof = False
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._tail = ""
+        self.risky = False
+        self.seen = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._records()
+        except RecursionError:
+            raise ResponseError(
+                "the API response is nested too deeply to be a dataset listing"
+            ) from None
+        except json.JSONDecodeError as exc:
+            where = self._offset + exc.pos
+            raise ResponseError(
+                f"the API response is not valid JSON ({exc.msg} at character {where})"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ResponseError(f"the API response is not valid JSON ({exc.reason})") from None
+        except ValueError as exc:  # e.g. an integer longer than Python will convert
+            raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
+
+    # --- the grammar of the top level ---------------------------------------------------
+
+    def _records(self) -> Iterator[Any]:
+        self._skip_ws()
+        if self._peek() != "{":
+            document = self._value()
+            raise ResponseError(
+                f"the API response is a JSON {json_type(document)}, not an object with a "
+                "`datasets` list"
+            )
+        self._pos += 1
+        keys: list[str] = []
+        found = False
+        self._skip_ws()
+        if self._peek() == "}":
+            self._pos += 1
+        else:
+            while True:
+                self._skip_ws()
+                if self._peek() != '"':
+                    self._fail("Expecting property name enclosed in double quotes")
+                key = self._value()
+                self._skip_ws()
+                if self._peek() != ":":
+                    self._fail("Expecting ':' delimiter")
+                self._pos += 1
+                self._skip_ws()
+                if key == "datasets":
+                    if found:
+                        # json.loads would keep the last one silently; which list the
+                        # API meant is anyone's guess, and guessing wrong deletes data.
+                        raise ResponseError(
+                            "the API response has more than one `datasets` field; "
+                            "refusing to guess which one is the listing"
+                        )
+                    found = True
+                    yield from self._array()
+                else:
+                    keys.append(key)
+                    self._value()
+                self._skip_ws()
+                separator = self._peek()
+                self._pos += 1
+                if separator == "}":
+                    break
+                if separator != ",":
+                    self._pos -= 1
+                    self._fail("Expecting ',' delimiter")
+        self._skip_ws()
+        if self._peek() != "":
+            self._fail("Extra data")
+        if not found:
+            names = ", ".join(sorted(keys)[:5]) or "none"
+            raise ResponseError(f"the API response has no `datasets` field (keys: {names[:80]})")
+
+    def _array(self) -> Iterator[Any]:
+        if self._peek() != "[":
+            value = self._value()
+            raise ResponseError(
+                f"`datasets` in the API response is a {json_type(value)}, not a list"
+            )
+        self._pos += 1
+        self._skip_ws()
+        if self._peek() == "]":
+            self._pos += 1
+            return
+        while True:
+            self._skip_ws()
+            record = self._value()
+            self.seen += 1
+            yield record
+            self._skip_ws()
+            separator = self._peek()
+            self._pos += 1
+            if separator == "]":
+                return
+            if separator != ",":
+                self._pos -= 1
+                self._fail("Expecting ',' delimiter")
+
+    # --- the buffer -----------------------------------------------------------------
+
+    def _value(self) -> Any:
+        """Decode one complete JSON value at the current position."""
+        want = self._chunk
+        while True:
+            try:
+                value, end = _decode(self._buf, self._pos)
+            except json.JSONDecodeError:
+                if self._eof:
+                    raise
+                # Probably cut off by the end of the buffer: read more and try again,
+                # doubling each time so a huge (or broken) value costs linear time.
+                self._fill(want)
+                want *= 2
+                continue
+            if end == len(self._buf) and not self._eof:
+                # A number or literal at the very end may continue in the next chunk.
+                self._fill(want)
+                want *= 2
+                continue
+            self._pos = end
+            return value
+
+    def _skip_ws(self) -> None:
+        while True:
+            self._pos = _WS.match(self._buf, self._pos).end()  # type: ignore[union-attr]
+            if self._pos < len(self._buf) or self._eof:
+                return
+            self._fill(self._chunk)
+
+    def _peek(self) -> str:
+        if self._pos >= len(self._buf) and not self._eof:
+            self._fill(self._chunk)
+        return self._buf[self._pos : self._pos + 1]
+
+    def _fail(self, message: str) -> None:
+        raise json.JSONDecodeError(message, self._buf, self._pos)
+
+    def _fill(self, size: int) -> None:
+        """Append at least `size` more bytes' worth of text (or reach the end)."""
+        data = self._file.read(size)
+        if self._decoder is None:
+            while len(data) < 4 and data:
+                more = self._file.read(size)
+                if not more:
+                    break
+                data += more
+            # The same detection and error handler as json.loads(bytes).
+            self._decoder = codecs.getincrementaldecoder(json.detect_encoding(data))(
+                "surrogatepass"
+            )
+        text = self._decoder.decode(data, final=not data)
+        if not data:
+            self._eof = True
+        if not self.risky and text:
+            self.risky = _RISKY.search(self._tail + text) is not None
+            self._tail = text[-_OVERLAP:]
+        # Drop what is consumed, so the buffer holds about one chunk, not the body.
+        self._offset += self._pos
+        self._buf = self._buf[self._pos :] + text
+        self._pos = 0
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
