@@ -38,6 +38,8 @@ T = TypeVar("T")
 # Rows per upsert statement and ids per IN list: large enough to keep round trips
 # few, small enough for every backend's parameter limits.
 BATCH_SIZE = 500
+# Changed rows held before they are written: bounds memory, and keeps statements few.
+FLUSH_ROWS = 5000
 
 CONTENT_COLUMNS = (
     "name",
@@ -47,7 +49,6 @@ CONTENT_COLUMNS = (
     "cover_asset_id",
     "extra",
 )
-_HISTORY_COLUMNS = ("dataset_id", "account", *CONTENT_COLUMNS)
 # Everything an upsert sets on an existing row; first_seen_at stays as first written.
 _UPDATE_COLUMNS = (
     *CONTENT_COLUMNS,
@@ -141,6 +142,7 @@ class _Diff:
         self.step = step
         self.last = last
         self.stored, self.active = _load(conn, account)
+        self.writer = _Writer(conn, run_id, now, step)
         # Ids met so far -> their stored value (None: new); _WRITTEN once flushed.
         self.seen: dict[str, _StoredValue | None] = {}
         self.pending: dict[str, tuple[DatasetRow, str, str]] = {}
@@ -196,7 +198,7 @@ class _Diff:
         else:
             self.updated += 1
         self.pending[dataset_id] = (row, owner, change)
-        if len(self.pending) >= BATCH_SIZE:
+        if len(self.pending) >= FLUSH_ROWS:
             self._flush()
 
     def _forget(self, dataset_id: str) -> _StoredValue | None:
@@ -243,20 +245,11 @@ class _Diff:
         if not self.pending:
             return
         self.step()
-        batch = list(self.pending.items())
+        batch = list(self.pending.values())
         self.pending.clear()
-        values = [_values(row, owner, self.run_id, self.now) for _id, (row, owner, _c) in batch]
-        superseded = [
-            dataset_id for dataset_id, (_r, _o, change) in batch if change != CHANGE_INSERT
-        ]
-        versions = [
-            _version(v, change, self.run_id, self.now)
-            for v, (_id, (_r, _o, change)) in zip(values, batch, strict=True)
-        ]
-        _upsert(self.conn, values, self.step)
-        _write_history(self.conn, superseded, versions, self.now, self.step)
-        for dataset_id, _entry in batch:
-            self.seen[dataset_id] = _WRITTEN
+        self.writer.write(batch)
+        for row, _owner, _change in batch:
+            self.seen[row.dataset_id] = _WRITTEN
 
     def finish(self, seen: int, max_delete_fraction: float | None) -> Applied:
         self._flush()
@@ -285,12 +278,12 @@ class _Diff:
             exc.counts = counts  # type: ignore[attr-defined]  # for the failed run's row
             raise
         # A delete version records the content as it was: read it for those rows only.
-        versions = [
-            _version(values, CHANGE_DELETE, self.run_id, self.now)
-            for values in _load_content(self.conn, gone)
-        ]
+        content = _load_content(self.conn, gone)
         _soft_delete(self.conn, gone, self.run_id, self.now, self.step)
-        _write_history(self.conn, gone, versions, self.now, self.step)
+        self.writer.close_versions(gone)
+        self.writer.insert_versions(
+            [self.writer.version(values, CHANGE_DELETE) for values in content]
+        )
         return Applied(counts, self.rejects, self.duplicates, self.complete)
 
 
@@ -304,31 +297,6 @@ def _guard_mass_delete(account: str, deleting: int, active: int, fraction: float
             f"{fraction:.0%}); nothing was changed. If the datasets really are gone, run once "
             "with `ideogram-sync run --allow-mass-delete`"
         )
-
-
-def _version(values: dict[str, Any], change: str, run_id: int, now: datetime) -> dict[str, Any]:
-    version = {c: values[c] for c in _HISTORY_COLUMNS}
-    version.update(valid_from=now, valid_to=None, change_type=change, sync_run_id=run_id)
-    return version
-
-
-def _write_history(
-    conn: Connection,
-    superseded: Sequence[str],
-    versions: Sequence[dict[str, Any]],
-    now: datetime,
-    step: Callable[[], None],
-) -> None:
-    # Close the current version of every row this run changed, then add the new ones.
-    for batch in _batches(superseded):
-        step()
-        conn.execute(
-            update(dataset_history)
-            .where(dataset_history.c.dataset_id.in_(batch), dataset_history.c.valid_to.is_(None))
-            .values(valid_to=now)
-        )
-    if versions:
-        bulk_execute(conn, insert(dataset_history), versions, step)
 
 
 def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]:
@@ -367,24 +335,6 @@ def _load_content(conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _values(row: DatasetRow, account: str, run_id: int, now: datetime) -> dict[str, Any]:
-    return {
-        "dataset_id": row.dataset_id,
-        "account": account,
-        "name": row.name,
-        "user_id": row.user_id,
-        "creation_time": row.creation_time,
-        "cover_asset_type": row.cover_asset_type,
-        "cover_asset_id": row.cover_asset_id,
-        "extra": row.extra,
-        "content_hash": row.content_hash,
-        "first_seen_at": now,
-        "updated_at": now,
-        "deleted_at": None,
-        "last_sync_run_id": run_id,
-    }
-
-
 def upsert_statement(dialect_name: str) -> Insert:
     """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE for `datasets` in the given dialect."""
     if dialect_name in ("mysql", "mariadb"):
@@ -409,87 +359,181 @@ def _no_checkpoint() -> None:
     pass
 
 
-def _upsert(conn: Connection, rows: Sequence[dict[str, Any]], step: Callable[[], None]) -> None:
-    if rows:
-        bulk_execute(conn, upsert_statement(conn.dialect.name), rows, step)
-
-
-_TIMESTAMPS = frozenset(
-    {"creation_time", "first_seen_at", "updated_at", "deleted_at", "valid_from", "valid_to"}
+_DATASET_KEYS = (
+    "dataset_id",
+    "account",
+    *CONTENT_COLUMNS,
+    "first_seen_at",
+    "updated_at",
+    "deleted_at",
+    "last_sync_run_id",
+    "content_hash",
 )
-_JSON = frozenset({"extra"})
+_HISTORY_KEYS = (
+    "dataset_id",
+    "account",
+    *CONTENT_COLUMNS,
+    "valid_from",
+    "valid_to",
+    "change_type",
+    "sync_run_id",
+)
 
 
-def _sqlite_timestamp(value: datetime | None) -> str | None:
-    # SQLAlchemy's SQLite DATETIME storage format, so its reads parse what we write.
-    if value is None:
-        return None
-    value = value.astimezone(UTC)
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
-    )
+class _Writer:
+    """Writes batches of changed rows and their history versions, the fastest way per dialect.
 
-
-def _naive_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _aware_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC)
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
-
-
-def bulk_execute(
-    conn: Connection,
-    statement: Insert,
-    rows: Sequence[dict[str, Any]],
-    step: Callable[[], None] = lambda: None,
-) -> None:
-    """executemany `statement` over `rows` in batches, converting values once per row.
-
-    Same SQL and the same stored values as `conn.execute(statement, rows)` (models.UTCDateTime,
-    JSON), but without SQLAlchemy's per-value type processing, which dominated bulk writes.
+    Values go to the driver as tuples, converted once per row exactly as models.UTCDateTime
+    and JSON would (SQLAlchemy's per-value processing dominated bulk writes). PostgreSQL
+    gets new rows and history versions by COPY.
     """
-    dialect = conn.dialect
-    keys = list(rows[0])
-    compiled = statement.compile(dialect=dialect, column_keys=keys)
-    if dialect.name == "sqlite":
-        raw = _sqlite_timestamp
-    elif dialect.name in ("mysql", "mariadb"):
-        raw = _naive_utc
-    else:
-        raw = _aware_utc
-    # The bookkeeping timestamps of a run are all the same `now` (or None): convert
-    # each value once. creation_time differs per row and is converted directly.
-    seen: dict[datetime | None, Any] = {}
 
-    def to_timestamp(value: datetime | None) -> Any:
-        try:
-            return seen[value]
-        except KeyError:
-            converted = seen[value] = raw(value)
-            return converted
-
-    convert: dict[str, Callable[[Any], Any]] = {k: to_timestamp for k in keys if k in _TIMESTAMPS}
-    if "creation_time" in convert:
-        convert["creation_time"] = raw
-    convert.update({k: _json for k in keys if k in _JSON})
-    positional = dialect.paramstyle in ("qmark", "numeric", "format")
-    order = list(compiled.positiontup or []) if positional else keys
-    getters = [(name, convert.get(name)) for name in order]
-    for batch in _batches(rows):
-        step()
-        if positional:
-            params: list[Any] = [
-                tuple(f(row[k]) if f else row[k] for k, f in getters) for row in batch
-            ]
+    def __init__(
+        self, conn: Connection, run_id: int, now: datetime, step: Callable[[], None]
+    ) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.now = now
+        self.step = step
+        dialect = conn.dialect
+        self.timestamp: Callable[[datetime], Any]
+        if dialect.name == "sqlite":
+            self.timestamp = _sqlite_timestamp
+        elif dialect.name in ("mysql", "mariadb"):
+            self.timestamp = _naive_utc
         else:
-            params = [{k: f(row[k]) if f else row[k] for k, f in getters} for row in batch]
-        conn.exec_driver_sql(compiled.string, params)
+            self.timestamp = _aware_utc
+        self.now_value = self.timestamp(now)
+        self.copy = dialect.name == "postgresql"
+        self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
+        self.history = _Compiled(conn, insert(dataset_history), _HISTORY_KEYS)
+
+    def write(self, batch: Sequence[tuple[DatasetRow, str, str]]) -> None:
+        """Upsert the rows of `batch` and add a version of each, closing the one it replaces."""
+        ts, now, run_id = self.timestamp, self.now_value, self.run_id
+        new: list[tuple[Any, ...]] = []
+        changed: list[tuple[Any, ...]] = []
+        versions: list[tuple[Any, ...]] = []
+        superseded: list[str] = []
+        for row, owner, change in batch:
+            extra = None if row.extra is None else json.dumps(row.extra)
+            content = (
+                row.dataset_id,
+                owner,
+                row.name,
+                row.user_id,
+                ts(row.creation_time),
+                row.cover_asset_type,
+                row.cover_asset_id,
+                extra,
+            )
+            (new if change == CHANGE_INSERT else changed).append(
+                (*content, now, now, None, run_id, row.content_hash)
+            )
+            versions.append((*content, now, None, change, run_id))
+            if change != CHANGE_INSERT:
+                superseded.append(row.dataset_id)
+        if self.copy:
+            # The diff saw these ids absent, under the write lock: a plain COPY cannot conflict.
+            self._copy("datasets", _DATASET_KEYS, new)
+        else:
+            changed = new + changed
+        self.upsert.execute(changed, self.step)
+        self.close_versions(superseded)
+        self.insert_versions(versions)
+
+    def version(self, values: dict[str, Any], change: str) -> tuple[Any, ...]:
+        """A history version (as a tuple) of a row read back from `datasets`."""
+        extra = values["extra"]
+        return (
+            values["dataset_id"],
+            values["account"],
+            values["name"],
+            values["user_id"],
+            self.timestamp(values["creation_time"]),
+            values["cover_asset_type"],
+            values["cover_asset_id"],
+            None if extra is None else json.dumps(extra),
+            self.now_value,
+            None,
+            change,
+            self.run_id,
+        )
+
+    def close_versions(self, ids: Sequence[str]) -> None:
+        """End the open history version of each of `ids` now."""
+        for batch in _batches(ids):
+            self.step()
+            self.conn.execute(
+                update(dataset_history)
+                .where(
+                    dataset_history.c.dataset_id.in_(batch), dataset_history.c.valid_to.is_(None)
+                )
+                .values(valid_to=self.now)
+            )
+
+    def insert_versions(self, versions: Sequence[tuple[Any, ...]]) -> None:
+        """Add history versions (tuples in _HISTORY_KEYS order)."""
+        if self.copy:
+            self._copy("dataset_history", _HISTORY_KEYS, versions)
+        else:
+            self.history.execute(versions, self.step)
+
+    def _copy(self, table: str, keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        self.step()
+        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table} ({', '.join(keys)}) FROM STDIN") as copy:
+            for values in rows:
+                copy.write_row(values)
+
+
+class _Compiled:
+    """A statement compiled once for a fixed column order, run as executemany of tuples."""
+
+    def __init__(self, conn: Connection, statement: Insert, keys: Sequence[str]) -> None:
+        self.conn = conn
+        self.keys = tuple(keys)
+        compiled = statement.compile(dialect=conn.dialect, column_keys=list(keys))
+        self.sql = compiled.string
+        self.positional = conn.dialect.paramstyle in ("qmark", "numeric", "format")
+        order = tuple(compiled.positiontup or ()) if self.positional else self.keys
+        # Positional SQL lists the columns in the table's order: map ours onto it.
+        self.order = None if order == self.keys else [self.keys.index(k) for k in order]
+
+    def execute(self, rows: Sequence[tuple[Any, ...]], step: Callable[[], None]) -> None:
+        for batch in _batches(rows):
+            step()
+            params: list[Any]
+            if not self.positional:
+                params = [dict(zip(self.keys, values, strict=True)) for values in batch]
+            elif self.order is not None:
+                order = self.order
+                params = [tuple(values[i] for i in order) for values in batch]
+            else:
+                params = list(batch)
+            self.conn.exec_driver_sql(self.sql, params)
+
+
+def _sqlite_timestamp(value: datetime) -> str:
+    # SQLAlchemy's SQLite DATETIME storage format, so its reads parse what we write.
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def _batches(items: Sequence[T], size: int = BATCH_SIZE) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _soft_delete(
@@ -502,8 +546,3 @@ def _soft_delete(
             .where(datasets.c.dataset_id.in_(batch), datasets.c.deleted_at.is_(None))
             .values(deleted_at=now, updated_at=now, last_sync_run_id=run_id)
         )
-
-
-def _batches(items: Sequence[T], size: int = BATCH_SIZE) -> Iterable[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
