@@ -18,13 +18,15 @@ from typing import Any, BinaryIO
 from sync.errors import ResponseError
 
 CHUNK_SIZE = 1 << 20
-# NUL and lone surrogates can only come from escapes (or undecodable bytes, which
-# `surrogatepass` turns into lone surrogates): text without any needs no per-string check.
-_RISKY = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[\x00\ud800-\udfff]")
-# Longest risky pattern is 6 characters; keep that much of the previous chunk to
-# catch one split across two chunks.
+# NUL and lone surrogates can only come from escapes or, in UTF-8, from the bytes of an
+# encoded surrogate (json.loads decodes with `surrogatepass`): text without any needs no
+# per-string check. Scanned as bytes, and only where a cheap substring test hits.
+_RISKY = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\x00|\xed[\xa0-\xbf]")
+# Longest risky pattern is 6 bytes; keep that much of the previous chunk to catch one
+# split across two chunks.
 _OVERLAP = 6
 _WS = re.compile(r"[ \t\n\r]*")
+_WS_CHARS = frozenset(" \t\n\r")
 _decode = json.JSONDecoder().raw_decode
 
 
@@ -44,7 +46,7 @@ class ListingStream:
         self._offset = 0  # characters dropped from the front of _buf so far
         self._eof = False
         self._decoder: codecs.IncrementalDecoder | None = None
-        self._tail = ""
+        self._tail = b""
         self.risky = False
         self.seen = 0
 
@@ -131,7 +133,28 @@ class ListingStream:
         if self._peek() == "]":
             self._pos += 1
             return
+        decode = _decode
         while True:
+            # Fast path: the record and the separator after it lie inside the buffer.
+            buf, pos = self._buf, self._pos
+            if buf[pos : pos + 1] in _WS_CHARS:
+                pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
+            try:
+                record, end = decode(buf, pos)
+            except json.JSONDecodeError:
+                end = -1
+            if 0 < end < len(buf) - 1:
+                separator = buf[end]
+                if separator in _WS_CHARS:
+                    end = _WS.match(buf, end).end()  # type: ignore[union-attr]
+                    separator = buf[end : end + 1]
+                if separator == ",":
+                    self._pos = end + 1
+                    self.seen += 1
+                    yield record
+                    continue
+            # Slow path: near the end of the buffer, or malformed.
+            self._pos = pos
             self._skip_ws()
             record = self._value()
             self.seen += 1
@@ -184,6 +207,12 @@ class ListingStream:
     def _fail(self, message: str) -> None:
         raise json.JSONDecodeError(message, self._buf, self._pos)
 
+    def _scan(self, data: bytes) -> None:
+        chunk = self._tail + data
+        if b"\\u" in chunk or b"\x00" in chunk or b"\xed" in chunk:
+            self.risky = _RISKY.search(chunk) is not None
+        self._tail = chunk[-_OVERLAP:]
+
     def _fill(self, size: int) -> None:
         """Append at least `size` more bytes' worth of text (or reach the end)."""
         data = self._file.read(size)
@@ -194,15 +223,15 @@ class ListingStream:
                     break
                 data += more
             # The same detection and error handler as json.loads(bytes).
-            self._decoder = codecs.getincrementaldecoder(json.detect_encoding(data))(
-                "surrogatepass"
-            )
+            encoding = json.detect_encoding(data)
+            self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+            # The byte patterns only mean something in UTF-8: check everything otherwise.
+            self.risky = encoding not in ("utf-8", "utf-8-sig")
         text = self._decoder.decode(data, final=not data)
         if not data:
             self._eof = True
-        if not self.risky and text:
-            self.risky = _RISKY.search(self._tail + text) is not None
-            self._tail = text[-_OVERLAP:]
+        if not self.risky and data:
+            self._scan(data)
         # Drop what is consumed, so the buffer holds about one chunk, not the body.
         self._offset += self._pos
         self._buf = self._buf[self._pos :] + text

@@ -124,6 +124,9 @@ sync_runs = Table(
     # The daemon's schedule slot this run was for (null for `run`): replicas
     # sharing a database use it to sync each slot exactly once.
     Column("scheduled_for", UTCDateTime()),
+    # A digest of the listing body a successful run read (with the parser and schema
+    # version): the next run skips re-reading a byte-identical listing.
+    Column("listing_digest", String(64)),
     Index(None, "account", "started_at"),
     Index(None, "account", "scheduled_for"),
     **MYSQL_TABLE_ARGS,

@@ -31,6 +31,7 @@ class RunRow:
     rejected: int
     error: str | None
     scheduled_for: datetime | None = None
+    listing_digest: str | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -104,13 +105,66 @@ def abandon_orphans(engine: Engine, account: str, found_by: int, now: datetime) 
     return orphans
 
 
-def finish_run(conn: Connection, run_id: int, counts: Counts, now: datetime) -> None:
+def finish_run(
+    conn: Connection,
+    run_id: int,
+    counts: Counts,
+    now: datetime,
+    listing_digest: str | None = None,
+) -> None:
     """Mark the run successful inside the caller's (data) transaction."""
     conn.execute(
         update(sync_runs)
         .where(sync_runs.c.id == run_id)
-        .values(status=RUN_SUCCESS, finished_at=now, error=None, **_count_values(counts))
+        .values(
+            status=RUN_SUCCESS,
+            finished_at=now,
+            error=None,
+            listing_digest=listing_digest,
+            **_count_values(counts),
+        )
     )
+
+
+def unchanged_since(
+    conn: Connection, account: str, listing_digest: str
+) -> tuple[int, Counts] | None:
+    """If the tables still hold exactly what this listing would make them, the run that wrote it.
+
+    True when the account's newest successful run read a listing with this digest and no
+    run has written to `datasets` since (under the write lock, so nothing can slip in).
+    Returns that run's id and the counts a full diff would now produce (all unchanged).
+    """
+    newest = conn.execute(
+        select(
+            sync_runs.c.id,
+            sync_runs.c.finished_at,
+            sync_runs.c.listing_digest,
+            sync_runs.c.datasets_seen,
+            sync_runs.c.inserted,
+            sync_runs.c.updated,
+            sync_runs.c.unchanged,
+            sync_runs.c.rejected,
+        )
+        .where(sync_runs.c.account == account, sync_runs.c.status == RUN_SUCCESS)
+        .order_by(sync_runs.c.id.desc())
+        .limit(1)
+    ).first()
+    if newest is None or newest.listing_digest != listing_digest:
+        return None
+    # Any successful run that changed rows after it (of any account: a dataset listed by
+    # two accounts is one row) means the stored rows may differ from this listing.
+    wrote = sync_runs.c.inserted + sync_runs.c.updated + sync_runs.c.deleted > 0
+    later = (sync_runs.c.id > newest.id) | (sync_runs.c.finished_at >= newest.finished_at)
+    changed = conn.execute(
+        select(sync_runs.c.id)
+        .where(sync_runs.c.status == RUN_SUCCESS, sync_runs.c.id != newest.id, wrote, later)
+        .limit(1)
+    ).first()
+    if changed is not None:
+        return None
+    valid = newest.inserted + newest.updated + newest.unchanged
+    return newest.id, Counts(seen=newest.datasets_seen, unchanged=valid, rejected=newest.rejected)
 
 
 def fail_run(engine: Engine, run_id: int, error: str, counts: Counts, now: datetime) -> None:

@@ -13,7 +13,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from sync.db import alembic_config, current_revision, head_revision, make_engine, migrate
+from sync.db import (
+    SCHEMA_HEAD,
+    alembic_config,
+    current_revision,
+    head_revision,
+    make_engine,
+    migrate,
+)
 from sync.models import metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +131,8 @@ def test_backfilled_hashes_make_the_next_run_unchanged(cli, fake_api, db_url: st
     assert result.code == 0, result.err
     run = rows(db_url, "sync_runs", order="id")[-1]
     assert (run["inserted"], run["updated"], run["unchanged"]) == (0, 0, 2)
+
+
+def test_schema_head_constant_matches_the_migrations() -> None:
+    """db.SCHEMA_HEAD (read without importing Alembic) must name the newest migration."""
+    assert head_revision() == SCHEMA_HEAD

@@ -1,0 +1,33 @@
+"""sync_runs.listing_digest: a digest of the listing a run saw, to skip re-reading it unchanged
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-25
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("sync_runs") as batch:
+        batch.add_column(sa.Column("listing_digest", sa.String(64), nullable=True))
+
+
+def downgrade() -> None:
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds the table under a temporary name; without this, SQLite
+        # refuses the final rename because the views name sync_runs.
+        op.execute("PRAGMA legacy_alter_table = ON")
+    with op.batch_alter_table("sync_runs") as batch:
+        batch.drop_column("listing_digest")
+    if sqlite:
+        op.execute("PRAGMA legacy_alter_table = OFF")
