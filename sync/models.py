@@ -17,7 +17,6 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.types import TypeDecorator
 
 # Stable constraint names, so migrations can address them on every backend.
@@ -48,7 +47,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            return dialect.type_descriptor(DATETIME(fsp=6))
         return dialect.type_descriptor(DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
@@ -71,7 +72,23 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # PostgreSQL gets JSONB (indexable, comparable); the others their JSON type.
 # none_as_null: Python None must be SQL NULL, not the JSON literal `null`.
-JSONType = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+class _JSONType(TypeDecorator[Any]):
+    """JSON, and JSONB on PostgreSQL (indexable, compared by value)."""
+
+    impl = JSON(none_as_null=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        # Imported here: a dialect package costs tens of milliseconds to import, and
+        # every command but the ones on PostgreSQL would pay for it.
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
+
+
+JSONType = _JSONType()
 
 
 def _dataset_content() -> list[Column[Any]]:

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
 from sync.errors import MassDeleteRefused
@@ -337,16 +336,23 @@ def _load_content(conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
 
 def upsert_statement(dialect_name: str) -> Insert:
     """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE for `datasets` in the given dialect."""
+    # Dialect packages are imported only for the one in use (each costs start-up time).
     if dialect_name in ("mysql", "mariadb"):
+        from sqlalchemy.dialects import mysql
+
         stmt = mysql.insert(datasets)
         return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in _UPDATE_COLUMNS})
     if dialect_name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         pg = postgresql.insert(datasets)
         return pg.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
             set_={c: pg.excluded[c] for c in _UPDATE_COLUMNS},
         )
     if dialect_name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         lite = sqlite.insert(datasets)
         return lite.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
