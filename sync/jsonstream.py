@@ -27,6 +27,7 @@ _RISKY = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|\x00|\xed[\xa0-\xbf]")
 _OVERLAP = 6
 _WS = re.compile(r"[ \t\n\r]*")
 _WS_CHARS = frozenset(" \t\n\r")
+_NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
 _decode = json.JSONDecoder().raw_decode
 
 
@@ -184,8 +185,12 @@ class ListingStream:
                 self._fill(want)
                 want *= 2
                 continue
-            if end == len(self._buf) and not self._eof:
-                # A number or literal at the very end may continue in the next chunk.
+            if not self._eof and (
+                end == len(self._buf)
+                or (_is_number(value) and _NUMBER_TAIL.fullmatch(self._buf, end))
+            ):
+                # A number or literal at the very end may continue in the next chunk, and a
+                # number cut after its `.` or `e` decodes as its integer part: read more.
                 self._fill(want)
                 want *= 2
                 continue
@@ -236,6 +241,10 @@ class ListingStream:
         self._offset += self._pos
         self._buf = self._buf[self._pos :] + text
         self._pos = 0
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is int or type(value) is float
 
 
 def json_type(value: Any) -> str:
