@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, literal, null, select, update
 from sqlalchemy.sql.dml import Insert
 
 from sync.errors import MassDeleteRefused
@@ -18,6 +18,7 @@ from sync.models import (
     CHANGE_INSERT,
     CHANGE_RESTORE,
     CHANGE_UPDATE,
+    UTCDateTime,
     dataset_history,
     datasets,
 )
@@ -276,13 +277,10 @@ class _Diff:
         except MassDeleteRefused as exc:
             exc.counts = counts  # type: ignore[attr-defined]  # for the failed run's row
             raise
-        # A delete version records the content as it was: read it for those rows only.
-        content = _load_content(self.conn, gone)
-        _soft_delete(self.conn, gone, self.run_id, self.now, self.step)
         self.writer.close_versions(gone)
-        self.writer.insert_versions(
-            [self.writer.version(values, CHANGE_DELETE) for values in content]
-        )
+        _soft_delete(self.conn, gone, self.run_id, self.now, self.step)
+        # A delete version records the content as it was (soft-deleting changes none of it).
+        self.writer.add_versions(gone, CHANGE_DELETE)
         return Applied(counts, self.rejects, self.duplicates, self.complete)
 
 
@@ -322,16 +320,6 @@ def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]
                     continue
             stored[dataset_id] = _Stored(owner, digest, bool(deleted))
     return stored, active
-
-
-def _load_content(conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
-    columns = [datasets.c.dataset_id, datasets.c.account]
-    columns += [datasets.c[name] for name in CONTENT_COLUMNS]
-    found: list[dict[str, Any]] = []
-    for batch in _batches(ids):
-        query = select(*columns).where(datasets.c.dataset_id.in_(batch))
-        found.extend(dict(r._mapping) for r in conn.execute(query))
-    return found
 
 
 def upsert_statement(dialect_name: str) -> Insert:
@@ -389,9 +377,10 @@ _HISTORY_KEYS = (
 class _Writer:
     """Writes batches of changed rows and their history versions, the fastest way per dialect.
 
-    Values go to the driver as tuples, converted once per row exactly as models.UTCDateTime
-    and JSON would (SQLAlchemy's per-value processing dominated bulk writes). PostgreSQL
-    gets new rows and history versions by COPY.
+    Rows go to the driver as tuples, converted once per row exactly as models.UTCDateTime
+    and JSON would (SQLAlchemy's per-value processing dominated bulk writes); PostgreSQL
+    gets new rows by COPY. History versions are copied from the rows just written by
+    `INSERT … SELECT` inside the database, so their content is not sent twice.
     """
 
     def __init__(
@@ -412,59 +401,41 @@ class _Writer:
         self.now_value = self.timestamp(now)
         self.copy = dialect.name == "postgresql"
         self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
-        self.history = _Compiled(conn, insert(dataset_history), _HISTORY_KEYS)
 
     def write(self, batch: Sequence[tuple[DatasetRow, str, str]]) -> None:
         """Upsert the rows of `batch` and add a version of each, closing the one it replaces."""
         ts, now, run_id = self.timestamp, self.now_value, self.run_id
         new: list[tuple[Any, ...]] = []
         changed: list[tuple[Any, ...]] = []
-        versions: list[tuple[Any, ...]] = []
-        superseded: list[str] = []
+        ids: dict[str, list[str]] = {CHANGE_INSERT: [], CHANGE_UPDATE: [], CHANGE_RESTORE: []}
         for row, owner, change in batch:
-            extra = None if row.extra is None else json.dumps(row.extra)
-            content = (
-                row.dataset_id,
-                owner,
-                row.name,
-                row.user_id,
-                ts(row.creation_time),
-                row.cover_asset_type,
-                row.cover_asset_id,
-                extra,
-            )
             (new if change == CHANGE_INSERT else changed).append(
-                (*content, now, now, None, run_id, row.content_hash)
+                (
+                    row.dataset_id,
+                    owner,
+                    row.name,
+                    row.user_id,
+                    ts(row.creation_time),
+                    row.cover_asset_type,
+                    row.cover_asset_id,
+                    None if row.extra is None else json.dumps(row.extra),
+                    now,
+                    now,
+                    None,
+                    run_id,
+                    row.content_hash,
+                )
             )
-            versions.append((*content, now, None, change, run_id))
-            if change != CHANGE_INSERT:
-                superseded.append(row.dataset_id)
+            ids[change].append(row.dataset_id)
         if self.copy:
             # The diff saw these ids absent, under the write lock: a plain COPY cannot conflict.
             self._copy("datasets", _DATASET_KEYS, new)
         else:
             changed = new + changed
         self.upsert.execute(changed, self.step)
-        self.close_versions(superseded)
-        self.insert_versions(versions)
-
-    def version(self, values: dict[str, Any], change: str) -> tuple[Any, ...]:
-        """A history version (as a tuple) of a row read back from `datasets`."""
-        extra = values["extra"]
-        return (
-            values["dataset_id"],
-            values["account"],
-            values["name"],
-            values["user_id"],
-            self.timestamp(values["creation_time"]),
-            values["cover_asset_type"],
-            values["cover_asset_id"],
-            None if extra is None else json.dumps(extra),
-            self.now_value,
-            None,
-            change,
-            self.run_id,
-        )
+        self.close_versions(ids[CHANGE_UPDATE] + ids[CHANGE_RESTORE])
+        for change, changed_ids in ids.items():
+            self.add_versions(changed_ids, change)
 
     def close_versions(self, ids: Sequence[str]) -> None:
         """End the open history version of each of `ids` now."""
@@ -478,12 +449,20 @@ class _Writer:
                 .values(valid_to=self.now)
             )
 
-    def insert_versions(self, versions: Sequence[tuple[Any, ...]]) -> None:
-        """Add history versions (tuples in _HISTORY_KEYS order)."""
-        if self.copy:
-            self._copy("dataset_history", _HISTORY_KEYS, versions)
-        else:
-            self.history.execute(versions, self.step)
+    def add_versions(self, ids: Sequence[str], change: str) -> None:
+        """Add a history version of each of `ids`, copied from its row as stored now."""
+        content = [datasets.c.dataset_id, datasets.c.account]
+        content += [datasets.c[name] for name in CONTENT_COLUMNS]
+        for batch in _batches(ids):
+            self.step()
+            rows = select(
+                *content,
+                literal(self.now, UTCDateTime()),
+                null(),
+                literal(change),
+                literal(self.run_id),
+            ).where(datasets.c.dataset_id.in_(batch))
+            self.conn.execute(insert(dataset_history).from_select(_HISTORY_KEYS, rows))
 
     def _copy(self, table: str, keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
