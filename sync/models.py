@@ -30,9 +30,10 @@ NAMING_CONVENTION = {
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
-# MySQL/MariaDB: utf8mb4 for all of Unicode, and a binary collation because
-# Ideogram ids are case-sensitive ("abc" and "ABC" are different datasets).
-MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+# MySQL/MariaDB tables are utf8mb4 for all of Unicode, with a binary collation because
+# Ideogram ids are case-sensitive ("abc" and "ABC" are different datasets). The migrations,
+# which are what creates the tables, set that; it is not repeated here because a
+# `mysql_*` table option makes SQLAlchemy import the MySQL dialect on every start-up.
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -120,7 +121,6 @@ datasets = Table(
     Index(None, "creation_time"),
     Index(None, "deleted_at"),
     Index(None, "account"),
-    **MYSQL_TABLE_ARGS,
 )
 
 sync_runs = Table(
@@ -146,7 +146,6 @@ sync_runs = Table(
     Column("listing_digest", String(64)),
     Index(None, "account", "started_at"),
     Index(None, "account", "scheduled_for"),
-    **MYSQL_TABLE_ARGS,
 )
 
 # One row per version of a dataset (a type-2 slowly changing dimension): the
@@ -164,7 +163,6 @@ dataset_history = Table(
     Index(None, "dataset_id", "valid_to"),
     Index(None, "valid_from"),
     Index(None, "sync_run_id"),
-    **MYSQL_TABLE_ARGS,
 )
 
 CHANGE_INSERT = "insert"
@@ -180,7 +178,6 @@ sync_locks = Table(
     Column("owner", String(255), nullable=False),
     Column("acquired_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
-    **MYSQL_TABLE_ARGS,
 )
 
 RUN_RUNNING = "running"
