@@ -16,7 +16,7 @@ from typing import BinaryIO
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import client, redact, runs, store
+from sync import __version__, client, redact, runs, store
 from sync.config import Account, DatabaseSettings, Settings
 from sync.db import (
     SCHEMA_HEAD,
@@ -313,9 +313,10 @@ def _run(
 
 def listing_digest(body: BinaryIO, policy: str) -> str:
     """A digest of the listing body, salted with what else decides how it is stored."""
-    # A new schema (or parser rules, which ship with one) or another reject policy
+    # Another version of the tool (parser rules), schema or reject policy
     # could store the same bytes differently, so they are part of the digest.
-    digest = hashlib.blake2b(f"{SCHEMA_HEAD}|{policy}|".encode(), digest_size=16)
+    salt = f"{__version__}|{SCHEMA_HEAD}|{policy}|"
+    digest = hashlib.blake2b(salt.encode(), digest_size=16)
     body.seek(0)
     while chunk := body.read(1 << 20):
         digest.update(chunk)
