@@ -728,21 +728,11 @@ def test_nul_in_a_utf16_body_is_rejected_end_to_end(
     assert set(state(db_url).datasets) == {"g1"}
 
 
-def _xfail_on_mariadb(db_url: str, request: pytest.FixtureRequest, reason: str) -> None:
-    if make_url(db_url).get_backend_name() in ("mysql", "mariadb"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def test_ids_differing_by_trailing_spaces_are_two_datasets(
-    cli: Any, fake_api: FakeApi, db_url: str, request: pytest.FixtureRequest
+    cli: Any, fake_api: FakeApi, db_url: str
 ) -> None:
-    _xfail_on_mariadb(
-        db_url,
-        request,
-        "bug: utf8mb4_bin is a PAD SPACE collation, so MariaDB's primary key treats 'a' and "
-        "'a ' as equal: the upsert merges the two datasets into one row, and every re-run "
-        "updates both (new history each time)",
-    )
+    """On MariaDB/MySQL this needs a NO PAD collation (migration 0007): utf8mb4_bin's PAD
+    SPACE made the primary key treat 'a' and 'a ' as one dataset."""
     fake_api.datasets = [dataset("a", "first"), dataset("a ", "second")]
     assert cli("--database-url", db_url, "run").code == 0
     assert cli("--database-url", db_url, "run").code == 0
