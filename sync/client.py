@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import tempfile
@@ -56,9 +58,28 @@ def make_session(api: ApiSettings, api_key: str) -> requests.Session:
     return session
 
 
+class Body:
+    """A listing body: a file positioned at 0, and the SHA-256 (hex) of its bytes."""
+
+    def __init__(self, file: BinaryIO, sha256: str) -> None:
+        self.file = file
+        self.sha256 = sha256
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Body:
+        """A Body held in memory (a saved listing, a test)."""
+        return cls(io.BytesIO(data), hashlib.sha256(data).hexdigest())
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.file.close()
+
+
 def fetch_datasets(
     session: requests.Session, api: ApiSettings, cancel: threading.Event | None = None
-) -> BinaryIO:
+) -> Body:
     """GET /datasets within api.deadline_seconds into a file (at 0); raise ApiError/AuthError/ResponseError.
 
     The body goes to a temporary file (in memory while small), not into one big bytes
@@ -91,11 +112,11 @@ def fetch_datasets(
         )
     if "error" in outcome:
         raise outcome["error"]
-    body: BinaryIO = outcome["body"]
+    body: Body = outcome["body"]
     return body
 
 
-def _fetch(session: requests.Session, api: ApiSettings) -> BinaryIO:
+def _fetch(session: requests.Session, api: ApiSettings) -> Body:
     url = api.base_url + DATASETS_PATH
     attempts = f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
     try:
@@ -157,19 +178,23 @@ def _check_status(response: requests.Response, url: str, attempts: str) -> None:
     raise ApiError(f"the Ideogram API at {url} answered {label}{detail}; check api.base_url")
 
 
-def _read_body(response: requests.Response, limit: int, url: str) -> BinaryIO:
+def _read_body(response: requests.Response, limit: int, url: str) -> Body:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ResponseError(_too_large(url, limit))
     # Closed by the caller (job.py reads it in a with block), or below on failure.
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="ideogram-sync-")  # noqa: SIM115
     size = 0
+    # Hashed while it arrives (hashlib releases the GIL): the job compares digests to
+    # recognise a listing that did not change.
+    digest = hashlib.sha256()
     try:
         for chunk in response.iter_content(_CHUNK):
             size += len(chunk)
             if size > limit:
                 raise ResponseError(_too_large(url, limit))
             spool.write(chunk)
+            digest.update(chunk)
     except requests.exceptions.RequestException as exc:
         spool.close()
         raise ApiError(
@@ -186,7 +211,7 @@ def _read_body(response: requests.Response, limit: int, url: str) -> BinaryIO:
         spool.close()
         raise
     spool.seek(0)
-    return spool  # type: ignore[return-value]
+    return Body(spool, digest.hexdigest())  # type: ignore[arg-type]
 
 
 def _too_large(url: str, limit: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import threading
 import time
@@ -11,7 +10,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -210,10 +208,10 @@ def sync_accounts(
 
 def _fetcher(
     account: Account, api_key: str | None, body: bytes | None, cancel: threading.Event | None
-) -> Callable[[], BinaryIO]:
-    def fetch() -> BinaryIO:
+) -> Callable[[], client.Body]:
+    def fetch() -> client.Body:
         if body is not None:
-            return io.BytesIO(body)
+            return client.Body.from_bytes(body)
         assert api_key is not None
         with client.make_session(account.api, api_key) as session:
             return client.fetch_datasets(session, account.api, cancel)
@@ -235,7 +233,7 @@ def _run(
     engine: Engine,
     lease: Lease,
     run_id: int,
-    fetch: Callable[[], BinaryIO],
+    fetch: Callable[[], client.Body],
     max_delete_fraction: float | None,
     step: Callable[[], None],
     clock: Callable[[], datetime],
@@ -254,10 +252,10 @@ def _run(
                 account.name,
             )
         step()
-        with fetch() as body:
+        with fetch() as fetched:
             step()
-
-            digest = listing_digest(body, settings.sync.on_invalid_record)
+            body = fetched.file
+            digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
 
             def write(last: dict[str, int] | None) -> store.Applied:
                 body.seek(0)
@@ -311,17 +309,12 @@ def _run(
     return applied.counts
 
 
-def listing_digest(body: BinaryIO, policy: str) -> str:
+def listing_digest(body_sha256: str, policy: str) -> str:
     """A digest of the listing body, salted with what else decides how it is stored."""
     # Another version of the tool (parser rules), schema or reject policy
     # could store the same bytes differently, so they are part of the digest.
-    salt = f"{__version__}|{SCHEMA_HEAD}|{policy}|"
-    digest = hashlib.blake2b(salt.encode(), digest_size=16)
-    body.seek(0)
-    while chunk := body.read(1 << 20):
-        digest.update(chunk)
-    body.seek(0)
-    return digest.hexdigest()
+    salt = f"{__version__}|{SCHEMA_HEAD}|{policy}|{body_sha256}"
+    return hashlib.blake2b(salt.encode(), digest_size=16).hexdigest()
 
 
 def _report(applied: store.Applied, policy: str) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, insert, literal, null, select, update
+from sqlalchemy import Connection, Select, insert, literal, null, select, update
 from sqlalchemy.sql.dml import Insert
 
 from sync.errors import MassDeleteRefused
@@ -300,26 +300,40 @@ def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]
     """Every stored row's id and what the diff needs of it; and this account's active count."""
     # The table is keyed on dataset_id alone, so a dataset another account saw is
     # still "this row": load every row, but only what the diff needs (no timestamps or
-    # JSON to convert), straight from the driver's cursor.
-    query = select(
+    # JSON to convert), straight from the driver's cursor. Most rows are this account's,
+    # active and hashed: those come as (id, hash) pairs that dict.update takes in C.
+    mine = (
+        (datasets.c.account == account)
+        & datasets.c.deleted_at.is_(None)
+        & datasets.c.content_hash.is_not(None)
+    )
+    stored: dict[str, _StoredValue] = {}
+    for rows in _fetch(conn, select(datasets.c.dataset_id, datasets.c.content_hash).where(mine)):
+        stored.update(rows)
+    active = len(stored)
+    others = select(
         datasets.c.dataset_id,
         datasets.c.account,
         datasets.c.content_hash,
         datasets.c.deleted_at.is_not(None),
-    )
-    compiled = query.compile(dialect=conn.dialect)
-    stored: dict[str, _StoredValue] = {}
-    active = 0
-    cursor = conn.exec_driver_sql(compiled.string).cursor
-    while rows := cursor.fetchmany(10_000):
+    ).where(~mine)
+    for rows in _fetch(conn, others):
         for dataset_id, owner, digest, deleted in rows:
             if owner == account and not deleted:
                 active += 1
-                if digest is not None:
-                    stored[dataset_id] = digest
-                    continue
             stored[dataset_id] = _Stored(owner, digest, bool(deleted))
     return stored, active
+
+
+def _fetch(conn: Connection, query: Select[Any]) -> Iterator[list[Any]]:
+    """The rows of `query` as plain driver tuples, a bounded number at a time."""
+    compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.positiontup and [compiled.params[name] for name in compiled.positiontup]
+    cursor = conn.exec_driver_sql(
+        compiled.string, tuple(params) if params else compiled.params
+    ).cursor
+    while rows := cursor.fetchmany(20_000):
+        yield rows
 
 
 def upsert_statement(dialect_name: str) -> Insert:

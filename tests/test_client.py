@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 import pytest
@@ -26,7 +28,7 @@ def api(fake: FakeApi, **overrides: object) -> ApiSettings:
 def fetch(fake: FakeApi, **overrides: object) -> bytes:
     settings = api(fake, **overrides)
     with make_session(settings, "sk-client-test") as session:
-        return fetch_datasets(session, settings).read()
+        return fetch_datasets(session, settings).file.read()
 
 
 def test_sends_key_user_agent_and_accept(fake_api: FakeApi) -> None:
@@ -108,3 +110,15 @@ def test_non_json_200_is_refused(fake_api: FakeApi) -> None:
     fake_api.push(Reply(200, "<html></html>", {"Content-Type": "text/html; charset=utf-8"}))
     with pytest.raises(ResponseError, match="text/html instead of JSON"):
         fetch(fake_api)
+
+
+def test_body_comes_with_the_sha256_of_its_bytes(fake_api: FakeApi) -> None:
+    """The digest the job compares is of exactly the bytes the parser reads."""
+    fake_api.datasets = [dataset("a"), dataset("b")]
+    settings = api(fake_api)
+    with make_session(settings, "sk-client-test") as session:
+        body = fetch_datasets(session, settings)
+    with body:
+        data = body.file.read()
+    assert data == json.dumps({"datasets": fake_api.datasets}).encode()
+    assert body.sha256 == hashlib.sha256(data).hexdigest()
