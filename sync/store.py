@@ -118,8 +118,22 @@ def apply(
     with `last` = records.last_occurrences(...) of the same listing.
     """
     diff = _Diff(conn, account, run_id, now, checkpoint or _no_checkpoint, last)
+    stored, seen = diff.stored, diff.seen
+    unchanged = 0
     for index, record in enumerate(records):
+        # The common case inline: a record exactly as stored, met for the first time. Its
+        # id keyed a stored row, so it is usable; its quick hash stands for the content.
+        if last is None and type(record) is dict:
+            dataset_id = record.get("dataset_id")
+            if type(dataset_id) is str and dataset_id not in seen:
+                old = stored.get(dataset_id)
+                if type(old) is str and quick_hash(record) == old:
+                    del stored[dataset_id]
+                    seen[dataset_id] = old
+                    unchanged += 1
+                    continue
         diff.add(index, record, records.risky)
+    diff.unchanged += unchanged
     return diff.finish(records.seen, max_delete_fraction)
 
 
