@@ -343,11 +343,25 @@ def _fetch(conn: Connection, query: Select[Any]) -> Iterator[list[Any]]:
     """The rows of `query` as plain driver tuples, a bounded number at a time."""
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     params = compiled.positiontup and [compiled.params[name] for name in compiled.positiontup]
-    cursor = conn.exec_driver_sql(
-        compiled.string, tuple(params) if params else compiled.params
-    ).cursor
-    while rows := cursor.fetchmany(20_000):
-        yield rows
+    # A server-side cursor where the driver has one: psycopg and PyMySQL would otherwise
+    # hold the whole result in memory before the first row is read. (SQLAlchemy's
+    # stream_results read through the raw cursor would miss the rows it buffers first.)
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    if conn.dialect.name == "postgresql":
+        cursor = dbapi.cursor(name="ideogram_sync_load")  # type: ignore[call-arg]
+    elif type(dbapi).__module__.startswith("pymysql"):
+        from pymysql.cursors import SSCursor
+
+        cursor = dbapi.cursor(SSCursor)  # type: ignore[call-arg]
+    else:
+        cursor = dbapi.cursor()
+    try:
+        cursor.execute(compiled.string, tuple(params) if params else compiled.params)
+        while rows := cursor.fetchmany(20_000):
+            yield rows
+    finally:
+        cursor.close()
 
 
 def upsert_statement(dialect_name: str) -> Insert:
