@@ -34,7 +34,8 @@ from sync.redact import redact
 if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
     from sqlalchemy import Engine
 
-    from sync.config import Settings
+    from sync.client import PendingFetch
+    from sync.config import Account, Settings
 
 log = logging.getLogger("sync")
 
@@ -247,8 +248,6 @@ def worst_exit_code(codes: Sequence[int]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sync.job import prepare_database, sync_accounts
-
     settings = _settings(args)
     accounts = (
         [settings.account(name) for name in dict.fromkeys(args.account)]
@@ -258,15 +257,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.input and len(accounts) > 1:
         raise ConfigError("--input holds one account's listing: name it with --account NAME")
     body = _read_input(args.input) if args.input else None
+    prefetched = _prefetch(accounts[0]) if body is None and len(accounts) == 1 else {}
+    # Imported after the download started: the listing arrives while the database
+    # code loads and the run is set up, instead of after.
+    from sync.job import prepare_database, sync_accounts
+
     engine = _open_engine(settings)
     try:
         prepare_database(engine, settings.database, args.migrate)
         outcomes = sync_accounts(
-            settings, accounts, engine, body=body, allow_mass_delete=args.allow_mass_delete
+            settings,
+            accounts,
+            engine,
+            body=body,
+            allow_mass_delete=args.allow_mass_delete,
+            prefetched=prefetched,
         )
     finally:
         engine.dispose()
     return worst_exit_code([o.error.exit_code if o.error else EXIT_OK for o in outcomes])
+
+
+def _prefetch(account: Account) -> dict[str, PendingFetch]:
+    """Start downloading the account's listing now; nothing if its key is missing.
+
+    A run that then stops before syncing (lock held, database down) has fetched for
+    nothing; the API call is a cheap GET, and the job still reports a missing key.
+    """
+    from sync import client
+
+    try:
+        key = account.api.key()
+    except ConfigError:
+        return {}
+    return {account.name: client.start_fetch(account.api, key)}
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:

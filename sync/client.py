@@ -86,34 +86,56 @@ def fetch_datasets(
     object, so a huge listing is parsed as a stream. Setting `cancel` abandons the fetch
     at once (raises Cancelled).
     """
-    outcome: dict[str, Any] = {}
+    return PendingFetch(session, api).result(cancel)
 
-    def work() -> None:
-        try:
-            outcome["body"] = _fetch(session, api)
-        except BaseException as exc:
-            outcome["error"] = exc
 
-    # Timeouts bound each read, not a server that trickles bytes forever or a
-    # long retry chain; a watcher thread bounds the whole fetch. Daemonic, so a
-    # stuck socket never keeps the process alive after we give up on it.
-    worker = threading.Thread(target=work, name="ideogram-fetch", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + api.deadline_seconds
-    while worker.is_alive() and time.monotonic() < deadline:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        worker.join(min(0.2, max(deadline - time.monotonic(), 0)))
-    if worker.is_alive():
-        raise ApiError(
-            f"the Ideogram API did not deliver the listing within api.deadline_seconds "
-            f"({api.deadline_seconds:g}s); it may be overloaded or the network is slow. "
-            "The next run will try again"
-        )
-    if "error" in outcome:
-        raise outcome["error"]
-    body: Body = outcome["body"]
-    return body
+def start_fetch(api: ApiSettings, api_key: str) -> PendingFetch:
+    """Start GET /datasets now, in the background, on a session of its own."""
+    return PendingFetch(make_session(api, api_key), api, close_session=True)
+
+
+class PendingFetch:
+    """A GET /datasets running in a worker thread; `result` waits for it, within the deadline."""
+
+    def __init__(
+        self, session: requests.Session, api: ApiSettings, close_session: bool = False
+    ) -> None:
+        self._api = api
+        self._outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                self._outcome["body"] = _fetch(session, api)
+            except BaseException as exc:
+                self._outcome["error"] = exc
+            finally:
+                if close_session:
+                    session.close()
+
+        # Timeouts bound each read, not a server that trickles bytes forever or a
+        # long retry chain; the deadline bounds the whole fetch. Daemonic, so a stuck
+        # socket never keeps the process alive after we give up on it.
+        self._worker = threading.Thread(target=work, name="ideogram-fetch", daemon=True)
+        self._deadline = time.monotonic() + api.deadline_seconds
+        self._worker.start()
+
+    def result(self, cancel: threading.Event | None = None) -> Body:
+        """The body; raise what the fetch raised, ApiError past the deadline, or Cancelled."""
+        worker, deadline = self._worker, self._deadline
+        while worker.is_alive() and time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            worker.join(min(0.2, max(deadline - time.monotonic(), 0)))
+        if worker.is_alive():
+            raise ApiError(
+                f"the Ideogram API did not deliver the listing within api.deadline_seconds "
+                f"({self._api.deadline_seconds:g}s); it may be overloaded or the network is "
+                "slow. The next run will try again"
+            )
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        body: Body = self._outcome["body"]
+        return body
 
 
 def _fetch(session: requests.Session, api: ApiSettings) -> Body:

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -84,6 +84,7 @@ def sync_account(
     slot: datetime | None = None,
     cancel: threading.Event | None = None,
     clock: Callable[[], datetime] = utc_now,
+    prefetched: client.PendingFetch | None = None,
 ) -> RunResult | None:
     """Sync one account under its lease: record a run, fetch (or use `body`), apply, commit.
 
@@ -113,7 +114,7 @@ def sync_account(
             raise database_error(exc, url, "recording the start of the run") from exc
         log.info("run %d started for account %s", run_id, account.name)
         fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
-        fetch = _fetcher(account, api_key, body, cancel)
+        fetch = _fetcher(account, api_key, body, cancel, prefetched)
         step = _checkpoint(cancel)
         counts = _run(settings, account, engine, lease, run_id, fetch, fraction, step, clock)
     finally:
@@ -160,8 +161,12 @@ def sync_accounts(
     allow_mass_delete: bool = False,
     slot: datetime | None = None,
     cancel: threading.Event | None = None,
+    prefetched: Mapping[str, client.PendingFetch] | None = None,
 ) -> list[Outcome]:
-    """Sync several accounts, up to sync.max_workers at once; one's failure spares the rest."""
+    """Sync several accounts, up to sync.max_workers at once; one's failure spares the rest.
+
+    `prefetched`: downloads already started (client.start_fetch), by account name.
+    """
     cancel = cancel or threading.Event()
 
     def one(account: Account) -> Outcome:
@@ -174,6 +179,7 @@ def sync_accounts(
                 allow_mass_delete=allow_mass_delete,
                 slot=slot,
                 cancel=cancel,
+                prefetched=(prefetched or {}).get(account.name),
             )
             return Outcome(account.name, result=result)
         except SyncError as exc:
@@ -207,11 +213,17 @@ def sync_accounts(
 
 
 def _fetcher(
-    account: Account, api_key: str | None, body: bytes | None, cancel: threading.Event | None
+    account: Account,
+    api_key: str | None,
+    body: bytes | None,
+    cancel: threading.Event | None,
+    prefetched: client.PendingFetch | None,
 ) -> Callable[[], client.Body]:
     def fetch() -> client.Body:
         if body is not None:
             return client.Body.from_bytes(body)
+        if prefetched is not None:
+            return prefetched.result(cancel)
         assert api_key is not None
         with client.make_session(account.api, api_key) as session:
             return client.fetch_datasets(session, account.api, cancel)

@@ -229,7 +229,9 @@ def test_sigterm_while_waiting_for_the_api(fake_api: FakeApi, synced: str, tmp_p
     fake_api.gate = threading.Event()
     proc = start(["run"], env_for(fake_api, synced), tmp_path)
     deadline = time.monotonic() + 30
-    while not fake_api.requests[1:]:  # the fixture's sync made the first request
+    # The download starts first (while the process sets up); the run has started once
+    # its `running` row exists. The fixture's sync made the first request and run.
+    while not fake_api.requests[1:] or runs(synced)[-1]["status"] != "running":
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
