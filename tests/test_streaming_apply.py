@@ -28,18 +28,11 @@ from sync.db import make_engine, migrate
 from sync.job import sync_account
 from sync.models import dataset_history, datasets, sync_runs
 from sync.records import Listing, parse_listing
+from sync.store import CONTENT_COLUMNS
 from tests.fakeapi import synthetic
 
 COUNTED = ("datasets_seen", "inserted", "updated", "unchanged", "deleted", "rejected")
-CONTENT = (
-    "account",
-    "name",
-    "user_id",
-    "creation_time",
-    "cover_asset_type",
-    "cover_asset_id",
-    "extra",
-)
+CONTENT = ("account", *CONTENT_COLUMNS)
 TOTAL = 1200
 REPEATED = 10
 # Where the repeats go: well past the second flush (at record 1000) in a first sync.
