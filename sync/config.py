@@ -451,7 +451,15 @@ def _accounts(
     return tuple(accounts)
 
 
+# A URL whose user part (if any) has no `:password`, as SQLAlchemy's URL pattern reads it.
+_NO_PASSWORD = re.compile(r"[\w+]+://(?:[^:/@]*@)?[^@]*$")
+
+
 def _url_password(url: str) -> str | None:
+    if _NO_PASSWORD.match(url):
+        # Nothing to mask, and no need to import SQLAlchemy yet: `run` starts its download
+        # before the database code loads (a malformed URL still fails in make_engine).
+        return None
     # SQLAlchemy's own parser, so we see the password exactly as the engine will.
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
