@@ -158,23 +158,21 @@ def arrays(draw: st.DrawFn, items: st.SearchStrategy[str]) -> str:
     return "[" + ",".join(draw(whitespace) + v + draw(whitespace) for v in values) + "]"
 
 
+def joined_members(draw: st.DrawFn, members: list[tuple[str, str]]) -> str:
+    """`key: value` pairs joined by commas, with whitespace drawn around every token."""
+    ws = whitespace
+    return ",".join(
+        draw(ws) + key + draw(ws) + ":" + draw(ws) + value + draw(ws) for key, value in members
+    )
+
+
 @st.composite
 def objects(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     """A JSON object of `values` under string keys, with whitespace drawn around every token."""
     members = draw(st.lists(st.tuples(string_tokens(), values), max_size=4))
     if not members:
         return "{" + draw(whitespace) + "}"
-    parts = [
-        draw(whitespace)
-        + key
-        + draw(whitespace)
-        + ":"
-        + draw(whitespace)
-        + value
-        + draw(whitespace)
-        for key, value in members
-    ]
-    return "{" + ",".join(parts) + "}"
+    return "{" + joined_members(draw, members) + "}"
 
 
 json_values = st.recursive(
@@ -222,17 +220,7 @@ def listing_texts(draw: st.DrawFn) -> str:
     members = [(json.dumps("datasets"), listing), *others]
     at = draw(st.integers(0, len(others)))
     members.insert(at, members.pop(0))
-    parts = [
-        draw(whitespace)
-        + key
-        + draw(whitespace)
-        + ":"
-        + draw(whitespace)
-        + value
-        + draw(whitespace)
-        for key, value in members
-    ]
-    return draw(whitespace) + "{" + ",".join(parts) + "}" + draw(whitespace)
+    return draw(whitespace) + "{" + joined_members(draw, members) + "}" + draw(whitespace)
 
 
 @st.composite
