@@ -108,14 +108,8 @@ class ListingStream:
                 else:
                     keys.append(key)
                     self._value()
-                self._skip_ws()
-                separator = self._peek()
-                self._pos += 1
-                if separator == "}":
+                if self._closed_by("}"):
                     break
-                if separator != ",":
-                    self._pos -= 1
-                    self._fail("Expecting ',' delimiter")
         self._skip_ws()
         if self._peek() != "":
             self._fail("Extra data")
@@ -160,14 +154,17 @@ class ListingStream:
             record = self._value()
             self.seen += 1
             yield record
-            self._skip_ws()
-            separator = self._peek()
-            self._pos += 1
-            if separator == "]":
+            if self._closed_by("]"):
                 return
-            if separator != ",":
-                self._pos -= 1
-                self._fail("Expecting ',' delimiter")
+
+    def _closed_by(self, close: str) -> bool:
+        """Consume the `,` or `close` after a member; True if it was `close`."""
+        self._skip_ws()
+        separator = self._peek()
+        if separator != close and separator != ",":
+            self._fail("Expecting ',' delimiter")
+        self._pos += 1
+        return separator == close
 
     # --- the buffer -----------------------------------------------------------------
 

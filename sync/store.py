@@ -133,11 +133,16 @@ def apply(
     stored, seen = diff.stored, diff.seen
     unchanged = 0
     for index, record in enumerate(records):
-        # The common case inline: a record exactly as stored, met for the first time. Its
-        # id keyed a stored row, so it is usable; its quick hash stands for the content.
-        if last is None and type(record) is dict:
+        # The common case inline: a record exactly as stored, met for the first time (and,
+        # in a careful pass, its id's last occurrence). Its id keyed a stored row, so it is
+        # usable; its quick hash stands for the content. Everything else goes to `add`.
+        if type(record) is dict:
             dataset_id = record.get("dataset_id")
-            if type(dataset_id) is str and dataset_id not in seen:
+            if (
+                type(dataset_id) is str
+                and dataset_id not in seen
+                and (last is None or last.get(dataset_id) == index)
+            ):
                 old = stored.get(dataset_id)
                 if type(old) is str and quick_hash(record) == old:
                     del stored[dataset_id]
@@ -195,9 +200,6 @@ class _Diff:
             else self.stored.pop(dataset_id, None)
         )
         self.seen[dataset_id] = old
-        if type(old) is str and quick_hash(record) == old:
-            self.unchanged += 1
-            return
         try:
             row = parse_record(record, check_text)
         except InvalidRecord as exc:
