@@ -5,14 +5,18 @@ objects at the same time (over a gigabyte). This reads the file in chunks and ha
 element of the top-level `datasets` array as soon as it is complete, using the standard
 library's own C scanner (`JSONDecoder.raw_decode`) for every value, so what it accepts is
 exactly what `json.loads` accepts.
+
+Given the digests of records stored before (`expected`), it also recognises an element whose
+text is exactly that of a stored record without decoding it: see `Known`.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 from sync.errors import ResponseError
@@ -29,6 +33,37 @@ _WS = re.compile(r"[ \t\n\r]*")
 _WS_CHARS = frozenset(" \t\n\r")
 _NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
 _decode = json.JSONDecoder().raw_decode
+# The text before the id's value, in an element that starts with its id (the API's order).
+_ID_FIRST = re.compile(r'[ \t\n\r]*"dataset_id"[ \t\n\r]*:[ \t\n\r]*"')
+# How far ahead to look for the end of an element before decoding it the usual way.
+_KNOWN_WINDOW = 1 << 14
+# Misses in a row after which recognition stops for the stream (the listing is laid
+# out differently from the one stored, so every look would be wasted).
+_KNOWN_GIVE_UP = 256
+DIGEST_LENGTH = 32
+
+
+def record_digest(inner: str) -> str:
+    """The digest of an object element's text between its outer braces (hex, 32 chars)."""
+    return hashlib.blake2b(inner.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class Known:
+    """An element recognised by its digest: its text is exactly that of a record stored before.
+
+    Text that once decoded as a valid object decodes the same way again, and whatever
+    surrounds it is checked as usual, so recognising it proves it is a complete element.
+    """
+
+    __slots__ = ("dataset_id", "text")
+
+    def __init__(self, dataset_id: str, text: str) -> None:
+        self.dataset_id = dataset_id
+        self.text = text
+
+    def decode(self) -> Any:
+        """The element as `json.loads` would give it."""
+        return _decode("{" + self.text + "}")[0]
 
 
 class ListingStream:
@@ -36,10 +71,22 @@ class ListingStream:
 
     Raises ResponseError, while iterating, when the body is not an object with exactly one
     `datasets` array. `risky` turns True once any text read so far could hold a NUL or a
-    lone surrogate; a record handed out while it is False holds neither.
+    lone surrogate; a record handed out while it is False holds neither. `digest()` is the
+    record_digest of the element handed out last.
     """
 
-    def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        file: BinaryIO,
+        chunk_size: int = CHUNK_SIZE,
+        expected: Mapping[str, object] | None = None,
+    ) -> None:
+        # expected: dataset_id -> a 64-char str, content hash then the record_digest of the
+        # stored record's text (other values never match); a match is handed out as Known.
+        self._expected = expected
+        self._misses = 0
+        self._prefix = ""
+        self._last: tuple[str, int, int] | None = None
         self._file = file
         self._chunk = chunk_size
         self._buf = ""
@@ -67,6 +114,19 @@ class ListingStream:
             raise ResponseError(f"the API response is not valid JSON ({exc.reason})") from None
         except ValueError as exc:  # e.g. an integer longer than Python will convert
             raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
+
+    def expect(self, expected: Mapping[str, object]) -> None:
+        """Recognise elements by `expected` (see __init__); call before iterating."""
+        self._expected = expected
+
+    def digest(self) -> str | None:
+        """record_digest of the element handed out last (None if it was not an object)."""
+        if self._last is None:
+            return None
+        buf, start, end = self._last
+        if buf[start : start + 1] != "{":
+            return None
+        return record_digest(buf[start + 1 : end - 1])
 
     # --- the grammar of the top level ---------------------------------------------------
 
@@ -129,16 +189,27 @@ class ListingStream:
             self._pos += 1
             return
         decode = _decode
+        expected = self._expected
+        # `}`, what separates two elements, `{`: learnt from the first two elements.
+        term = ""
         while True:
             # Fast path: the record and the separator after it lie inside the buffer.
             buf, pos = self._buf, self._pos
             if buf[pos : pos + 1] in _WS_CHARS:
                 pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
+            if term:
+                known = self._known(buf, pos, term)
+                if known is not None:
+                    self._pos = pos + len(known.text) + len(term)
+                    self.seen += 1
+                    yield known
+                    continue
             try:
                 record, end = decode(buf, pos)
             except json.JSONDecodeError:
                 end = -1
             if 0 < end < len(buf) - 1:
+                close = end
                 separator = buf[end]
                 if separator in _WS_CHARS:
                     end = _WS.match(buf, end).end()  # type: ignore[union-attr]
@@ -146,16 +217,61 @@ class ListingStream:
                 if separator == ",":
                     self._pos = end + 1
                     self.seen += 1
+                    self._last = (buf, pos, close)
+                    if expected is not None and not term and type(record) is dict:
+                        term = self._learn_term(buf, close, end)
                     yield record
                     continue
             # Slow path: near the end of the buffer, or malformed.
             self._pos = pos
             self._skip_ws()
+            start = self._offset + self._pos
             record = self._value()
+            self._last = (self._buf, start - self._offset, self._pos)
             self.seen += 1
             yield record
             if self._closed_by("]"):
                 return
+
+    def _learn_term(self, buf: str, close: int, comma: int) -> str:
+        """`}`, the separator at `comma` and `{`, after the object ending at `close`; or "".
+
+        Also learns the layout of the id at the start of the next element (`_prefix`).
+        """
+        after = _WS.match(buf, comma + 1).end()  # type: ignore[union-attr]
+        prefix = _ID_FIRST.match(buf, after + 1)
+        if buf[after : after + 1] != "{" or buf[close - 1] != "}" or prefix is None:
+            return ""
+        self._prefix = prefix.group()
+        return buf[close - 1 : after + 1]
+
+    def _known(self, buf: str, pos: int, term: str) -> Known | None:
+        """The element at `pos` as Known if its text is a stored record's, else None."""
+        if self._misses >= _KNOWN_GIVE_UP or buf[pos : pos + 1] != "{":
+            return None
+        # The first `}, {` after pos ends this element if it is a stored record's text: a
+        # stored text is a whole object, and one whole object cannot be the beginning of
+        # another (if a string or nested object holds `}, {`, the digest just misses).
+        cut = buf.find(term, pos + 1, pos + _KNOWN_WINDOW)
+        if cut > 0:
+            inner = buf[pos + 1 : cut]
+            prefix = self._prefix
+            if inner.startswith(prefix):
+                # Only a guess at the id (it ends at the first quote, escaped or not): the
+                # digest decides, and an equal digest means equal text, hence this id.
+                start = len(prefix)
+                dataset_id = inner[start : inner.find('"', start)]
+                old = self._expected.get(dataset_id)  # type: ignore[union-attr]
+                if (
+                    type(old) is str
+                    and len(old) == 2 * DIGEST_LENGTH
+                    and old.endswith(record_digest(inner))
+                ):
+                    self._misses = 0
+                    self._last = (buf, pos, cut + 1)
+                    return Known(dataset_id, inner)
+        self._misses += 1
+        return None
 
     def _closed_by(self, close: str) -> bool:
         """Consume the `,` or `close` after a member; True if it was `close`."""

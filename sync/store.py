@@ -16,15 +16,17 @@ from sqlalchemy import (
     String,
     any_,
     bindparam,
+    func,
     insert,
     literal,
     null,
     select,
     update,
 )
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, UpdateBase
 
 from sync.errors import MassDeleteRefused
+from sync.jsonstream import DIGEST_LENGTH, Known
 from sync.models import (
     CHANGE_DELETE,
     CHANGE_INSERT,
@@ -65,6 +67,7 @@ CONTENT_COLUMNS = (
 _UPDATE_COLUMNS = (
     *CONTENT_COLUMNS,
     "content_hash",
+    "record_digest",
     "account",
     "updated_at",
     "deleted_at",
@@ -92,7 +95,8 @@ class _Stored:
 
 
 # In the diff's memory, a stored row of this run's account that is active and has a
-# hash is just its hash (a str): most rows, held compactly. Others are a _Stored.
+# hash is just a str: its content hash, then its record digest if it has one (most rows,
+# held compactly; the stream recognises a record by the digest). Others are a _Stored.
 _StoredValue = str | _Stored
 # Marks an id whose row this run has already written (flushed).
 _WRITTEN = _Stored("", None, False)
@@ -131,12 +135,21 @@ def apply(
     """
     diff = _Diff(conn, account, run_id, now, checkpoint or _no_checkpoint, last)
     stored, seen = diff.stored, diff.seen
+    records.expect(stored)
     unchanged = 0
     for index, record in enumerate(records):
-        # The common case inline: a record exactly as stored, met for the first time (and,
-        # in a careful pass, its id's last occurrence). Its id keyed a stored row, so it is
-        # usable; its quick hash stands for the content. Everything else goes to `add`.
-        if type(record) is dict:
+        # The common cases inline, for a record met for the first time (and, in a careful
+        # pass, its id's last occurrence): one the stream recognised as the stored record's
+        # very text, and one whose quick hash equals the stored content hash. Its id keyed
+        # a stored row, so it is usable. Everything else goes to `add`.
+        if type(record) is Known:
+            dataset_id = record.dataset_id
+            if dataset_id not in seen and (last is None or last.get(dataset_id) == index):
+                seen[dataset_id] = stored.pop(dataset_id)
+                unchanged += 1
+                continue
+            record = record.decode()
+        elif type(record) is dict:
             dataset_id = record.get("dataset_id")
             if (
                 type(dataset_id) is str
@@ -144,12 +157,15 @@ def apply(
                 and (last is None or last.get(dataset_id) == index)
             ):
                 old = stored.get(dataset_id)
-                if type(old) is str and quick_hash(record) == old:
-                    del stored[dataset_id]
-                    seen[dataset_id] = old
-                    unchanged += 1
-                    continue
-        diff.add(index, record, records.risky)
+                if type(old) is str:
+                    quick = quick_hash(record)
+                    if quick is not None and old.startswith(quick):
+                        del stored[dataset_id]
+                        seen[dataset_id] = old
+                        unchanged += 1
+                        diff.keep_digest(dataset_id, old, records.digest())
+                        continue
+        diff.add(index, record, records.risky, records.digest())
     diff.unchanged += unchanged
     return diff.finish(records.seen, max_delete_fraction)
 
@@ -176,7 +192,9 @@ class _Diff:
         self.writer = _Writer(conn, run_id, now, step)
         # Ids met so far -> their stored value (None: new); _WRITTEN once flushed.
         self.seen: dict[str, _StoredValue | None] = {}
-        self.pending: dict[str, tuple[DatasetRow, str, str]] = {}
+        self.pending: dict[str, tuple[DatasetRow, str, str, str | None]] = {}
+        # id -> record digest, of unchanged rows whose stored digest is missing or stale.
+        self.digests: dict[str, str | None] = {}
         self.rejected_ids: set[str] = set()
         self.rejects: list[Reject] = []
         self.reject_count = 0
@@ -184,7 +202,17 @@ class _Diff:
         self.duplicates: list[str] = []
         self.inserted = self.updated = self.unchanged = 0
 
-    def add(self, index: int, record: Any, check_text: bool) -> None:
+    def keep_digest(self, dataset_id: str, old: str, digest: str | None) -> None:
+        """Note the record digest of an unchanged row when it is not the stored one."""
+        if old[DIGEST_LENGTH:] != (digest or ""):
+            # Not a change (no history, no updated_at): the next run can then recognise
+            # the record without decoding it. After an upgrade, or when the API changed
+            # how it lays out records.
+            self.digests[dataset_id] = digest
+            if len(self.digests) >= FLUSH_ROWS:
+                self._flush_digests()
+
+    def add(self, index: int, record: Any, check_text: bool, digest: str | None) -> None:
         dataset_id = usable_id(record, check_text)
         if dataset_id is None:
             self._reject(index, None, record, check_text)
@@ -210,11 +238,17 @@ class _Diff:
         if old is None:
             change = CHANGE_INSERT
         else:
-            stored = old if isinstance(old, _Stored) else _Stored(self.account, old, False)
+            stored = (
+                old
+                if isinstance(old, _Stored)
+                else _Stored(self.account, old[:DIGEST_LENGTH], False)
+            )
             if stored.deleted:
                 change = CHANGE_RESTORE
             elif stored.content_hash == row.content_hash:
                 self.unchanged += 1
+                if isinstance(old, str):
+                    self.keep_digest(dataset_id, old, digest)
                 return
             else:
                 # A dataset that another account lists too stays with the account that
@@ -225,7 +259,7 @@ class _Diff:
             self.inserted += 1
         else:
             self.updated += 1
-        self.pending[dataset_id] = (row, owner, change)
+        self.pending[dataset_id] = (row, owner, change, digest)
         if len(self.pending) >= FLUSH_ROWS:
             self._flush()
 
@@ -235,7 +269,7 @@ class _Diff:
         if old is _WRITTEN:
             raise NeedsCarefulPass(dataset_id)
         if dataset_id in self.pending:
-            _row, _owner, change = self.pending.pop(dataset_id)
+            _row, _owner, change, _digest = self.pending.pop(dataset_id)
             if change == CHANGE_INSERT:
                 self.inserted -= 1
             else:
@@ -244,6 +278,8 @@ class _Diff:
         elif dataset_id in self.rejected_ids:
             self.rejected_ids.discard(dataset_id)
         else:
+            # Its digest (if noted) was of the earlier text; this occurrence decides.
+            self.digests.pop(dataset_id, None)
             self.unchanged -= 1
             self.duplicates.append(dataset_id)
         return old
@@ -276,11 +312,20 @@ class _Diff:
         batch = list(self.pending.values())
         self.pending.clear()
         self.writer.write(batch)
-        for row, _owner, _change in batch:
+        for row, _owner, _change, _digest in batch:
             self.seen[row.dataset_id] = _WRITTEN
+
+    def _flush_digests(self) -> None:
+        if self.digests:
+            self.step()
+            self.writer.set_digests([(digest, i) for i, digest in self.digests.items()])
+            for dataset_id in self.digests:
+                self.seen[dataset_id] = _WRITTEN
+            self.digests.clear()
 
     def finish(self, seen: int, max_delete_fraction: float | None) -> Applied:
         self._flush()
+        self._flush_digests()
         gone: list[str] = []
         if self.complete:
             gone = sorted(
@@ -336,7 +381,9 @@ def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]
         & datasets.c.content_hash.is_not(None)
     )
     stored: dict[str, _StoredValue] = {}
-    for rows in _fetch(conn, select(datasets.c.dataset_id, datasets.c.content_hash).where(mine)):
+    # One str per row, hash then digest, built by the database: pairs for dict.update.
+    value = datasets.c.content_hash + func.coalesce(datasets.c.record_digest, "")
+    for rows in _fetch(conn, select(datasets.c.dataset_id, value).where(mine)):
         stored.update(rows)
     active = len(stored)
     others = select(
@@ -418,6 +465,7 @@ _DATASET_KEYS = (
     "deleted_at",
     "last_sync_run_id",
     "content_hash",
+    "record_digest",
 )
 _HISTORY_KEYS = (
     "dataset_id",
@@ -457,14 +505,25 @@ class _Writer:
         self.now_value = self.timestamp(now)
         self.copy = dialect.name == "postgresql"
         self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
+        self.set_digest = _Compiled(
+            conn,
+            update(datasets)
+            .where(datasets.c.dataset_id == bindparam("b_id"))
+            .values(record_digest=bindparam("b_digest")),
+            ("b_digest", "b_id"),
+        )
 
-    def write(self, batch: Sequence[tuple[DatasetRow, str, str]]) -> None:
+    def set_digests(self, pairs: Sequence[tuple[str | None, str]]) -> None:
+        """Set the record digest of rows whose content is unchanged: (digest, id) pairs."""
+        self.set_digest.execute(pairs, self.step)
+
+    def write(self, batch: Sequence[tuple[DatasetRow, str, str, str | None]]) -> None:
         """Upsert the rows of `batch` and add a version of each, closing the one it replaces."""
         ts, now, run_id = self.timestamp, self.now_value, self.run_id
         new: list[tuple[Any, ...]] = []
         changed: list[tuple[Any, ...]] = []
         ids: dict[str, list[str]] = {CHANGE_INSERT: [], CHANGE_UPDATE: [], CHANGE_RESTORE: []}
-        for row, owner, change in batch:
+        for row, owner, change, digest in batch:
             (new if change == CHANGE_INSERT else changed).append(
                 (
                     row.dataset_id,
@@ -480,6 +539,7 @@ class _Writer:
                     None,
                     run_id,
                     row.content_hash,
+                    digest,
                 )
             )
             ids[change].append(row.dataset_id)
@@ -496,7 +556,7 @@ class _Writer:
         self._copy("datasets", _DATASET_KEYS, new)
         self.upsert.execute(changed, self.step)
         self.close_versions(ids[CHANGE_UPDATE] + ids[CHANGE_RESTORE])
-        change_of = {row.dataset_id: change for row, _owner, change in batch}
+        change_of = {row.dataset_id: change for row, _owner, change, _digest in batch}
         versions = [
             (*values[:8], now, None, change_of[values[0]], run_id) for values in (*new, *changed)
         ]
@@ -540,7 +600,7 @@ class _Writer:
 class _Compiled:
     """A statement compiled once for a fixed column order, run as executemany of tuples."""
 
-    def __init__(self, conn: Connection, statement: Insert, keys: Sequence[str]) -> None:
+    def __init__(self, conn: Connection, statement: UpdateBase, keys: Sequence[str]) -> None:
         self.conn = conn
         self.keys = tuple(keys)
         compiled = statement.compile(dialect=conn.dialect, column_keys=list(keys))

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from sync import jsonstream
 from sync.errors import ResponseError
-from sync.jsonstream import CHUNK_SIZE, ListingStream
+from sync.jsonstream import CHUNK_SIZE, Known, ListingStream
 
 # None: the default chunk size (1 MiB), so the whole of a small body is one chunk.
 CHUNK_SIZES: list[int | None] = [1, 2, 3, 7, 64, None]
@@ -661,3 +662,108 @@ def test_bom_is_skipped_like_json_loads() -> None:
     body = codecs.BOM_UTF8 + b'{"datasets": ["a"]}'
     for chunk_size in CHUNK_SIZES:
         assert list(stream(body, chunk_size)) == ["a"]
+
+
+# -- recognising stored records by their text (expect / Known) --------------------------
+
+# Text that looks like the end of one element and the start of the next, or like a key.
+_TRICKY = st.lists(
+    st.sampled_from(["}, {", "},{", "}\n  {", '"', "\\", "{", "}", ", ", '"dataset_id": "a"', "é"]),
+    max_size=4,
+).map("".join)
+_LAYOUTS = [
+    {},
+    {"separators": (",", ":")},
+    {"indent": 2},
+    {"indent": "\t", "ensure_ascii": False},
+]
+
+
+@st.composite
+def recognisable_listings(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any]]:
+    """Records in the API's shape (ids repeat), with names and nested values that mimic a
+    boundary; and the json.dumps layout of the body."""
+    records = []
+    for _ in range(draw(st.integers(0, 12))):
+        record: dict[str, Any] = {
+            "dataset_id": draw(st.sampled_from(["a", "b", "c", "d", "é", "x y"])),
+            "name": draw(_TRICKY),
+            "user_id": "u",
+            "creation_time": "2025-01-01T00:00:00+00:00",
+        }
+        if draw(st.booleans()):
+            record["cover_asset_identifier"] = {"asset_type": "UPLOAD", "asset_id": draw(_TRICKY)}
+        if draw(st.booleans()):
+            record["more"] = [{"dataset_id": "b", "name": draw(_TRICKY)}, {}]
+        records.append(record)
+    return records, draw(st.sampled_from(_LAYOUTS))
+
+
+@given(listing=recognisable_listings(), data=st.data())
+@SETTINGS
+def test_recognised_records_are_exactly_the_stored_texts(
+    listing: tuple[list[Any], dict[str, Any]], data: st.DataObject
+) -> None:
+    records, layout = listing
+    body = json.dumps({"datasets": records}, **layout).encode()
+    decoded = list(stream(body, None))
+    first = stream(body, None)
+    digests = [first.digest() for _ in first]
+    assert [canonical(r) for r in decoded] == [canonical(r) for r in records]
+    # What a table would hold: some ids with the digest of one of their records' texts,
+    # some with a wrong one.
+    expected_map: dict[str, Any] = {}
+    for record, digest in zip(records, digests, strict=True):
+        choice = data.draw(st.sampled_from(["right", "wrong", "none"]))
+        if choice == "right":
+            expected_map[record["dataset_id"]] = "0" * 32 + str(digest)
+        elif choice == "wrong":
+            expected_map[record["dataset_id"]] = "0" * 32 + "f" * 32
+    for chunk_size in CHUNK_SIZES:
+        second = stream(body, chunk_size)
+        second.expect(expected_map)
+        for index, element in enumerate(second):
+            assert second.digest() == digests[index]
+            if isinstance(element, Known):
+                assert element.dataset_id == records[index]["dataset_id"]
+                assert expected_map[element.dataset_id] == "0" * 32 + digests[index]
+                element = element.decode()
+            assert canonical(element) == canonical(records[index])
+        assert second.seen == len(records)
+
+
+def test_recognition_gives_up_on_a_listing_laid_out_otherwise() -> None:
+    """A table of digests that never match costs a bounded number of looks, then none."""
+    records = [{"dataset_id": f"id-{i}", "name": "n"} for i in range(2000)]
+    body = json.dumps({"datasets": records}).encode()
+    listing = stream(body, None)
+    listing.expect({f"id-{i}": "0" * 64 for i in range(2000)})
+    assert [r["dataset_id"] for r in listing] == [r["dataset_id"] for r in records]
+    assert listing._misses == jsonstream._KNOWN_GIVE_UP
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS, ids=["default", "compact", "indent", "tabs"])
+def test_a_usual_listing_is_recognised_but_for_its_first_and_last_record(
+    layout: dict[str, Any],
+) -> None:
+    records = [
+        {
+            "dataset_id": f"id-{i}",
+            "name": f"name {i}",
+            "user_id": "u",
+            "creation_time": "2025-01-01T00:00:00+00:00",
+            "cover_asset_identifier": {"asset_type": "UPLOAD", "asset_id": f"c{i}"},
+        }
+        for i in range(50)
+    ]
+    body = json.dumps({"datasets": records}, **layout).encode()
+    first = stream(body, None)
+    stored = {r["dataset_id"]: "0" * 32 + str(first.digest()) for r in first}
+    second = stream(body, None)
+    second.expect(stored)
+    elements = list(second)
+    known = [i for i, e in enumerate(elements) if isinstance(e, Known)]
+    assert known == list(range(1, 49))
+    assert [canonical(e.decode() if isinstance(e, Known) else e) for e in elements] == [
+        canonical(r) for r in records
+    ]

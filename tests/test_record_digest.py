@@ -1,0 +1,137 @@
+"""Records recognised by their text (datasets.record_digest), synced through the real job.
+
+A re-run looks up each record's stored digest and hands out a record whose text is exactly
+the stored one without decoding it (sync.jsonstream.Known). What is checked here: the same
+rows, counts and history as a full decode would give (tests.test_streaming_apply.check_sync,
+which compares with parse_listing), every row's digest is that of its record's text, only
+the records that differ are decoded, and a listing whose records are spelled differently
+refreshes the digests without counting or recording a change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from sync import store
+from sync.jsonstream import ListingStream
+from tests.fakeapi import dataset, synthetic
+from tests.test_streaming_apply import Db, check_sync, db, snapshot, sync  # noqa: F401
+
+COUNT = 1200
+
+
+def digests_of(body: bytes) -> dict[str, str | None]:
+    """The record digest of the last record of each id in `body`."""
+    stream = ListingStream(io.BytesIO(body))
+    return {record["dataset_id"]: stream.digest() for record in stream}
+
+
+def decoded_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ids of the records the diff decoded and compared by content (not recognised by text)."""
+    seen: list[str] = []
+    real = store.quick_hash
+
+    def counting(record: Any) -> str | None:
+        seen.append(record.get("dataset_id"))
+        return real(record)
+
+    monkeypatch.setattr(store, "quick_hash", counting)
+    return seen
+
+
+def renamed_every(step: int, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**r, "name": r["name"] + " (renamed)"} if i % step == 0 else r
+        for i, r in enumerate(records)
+    ]
+
+
+def test_rerun_decodes_only_what_changed(db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = synthetic(COUNT)
+    first = json.dumps({"datasets": base}).encode()
+    before = snapshot(db.engine)
+    run_id = sync(db, first)
+    after = snapshot(db.engine)
+    check_sync(first, before, after, run_id)
+    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(first)
+
+    decoded = decoded_lookups(monkeypatch)
+    changed = renamed_every(100, base)
+    body = json.dumps({"datasets": changed}).encode()
+    before = after
+    run_id = sync(db, body)
+    after = snapshot(db.engine)
+    counts = check_sync(body, before, after, run_id)
+    assert (counts["updated"], counts["unchanged"]) == (COUNT // 100, COUNT - COUNT // 100)
+    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
+    # The renamed ones, plus at most the first record (read to learn the separator) and
+    # the last (not followed by one): the rest were recognised by their text.
+    renamed_ids = {r["dataset_id"] for i, r in enumerate(changed) if i % 100 == 0}
+    assert set(decoded) - renamed_ids <= {changed[0]["dataset_id"], changed[-1]["dataset_id"]}
+    assert len(decoded) <= len(renamed_ids) + 2
+
+
+def test_same_content_spelled_differently_refreshes_only_the_digests(
+    db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = synthetic(COUNT)
+    pretty = json.dumps({"datasets": base}, indent=2).encode()
+    sync(db, pretty)
+    before = snapshot(db.engine)
+
+    compact = json.dumps({"datasets": base}, separators=(",", ":")).encode()
+    run_id = sync(db, compact)
+    after = snapshot(db.engine)
+    counts = check_sync(compact, before, after, run_id)
+    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 0, COUNT)
+    assert after.history == before.history
+    for dataset_id, row in after.datasets.items():
+        old = before.datasets[dataset_id]
+        assert {**row, "record_digest": None} == {**old, "record_digest": None}
+    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(compact)
+
+    # Recognised in the new spelling from now on.
+    decoded = decoded_lookups(monkeypatch)
+    body = json.dumps({"datasets": renamed_every(300, base)}, separators=(",", ":")).encode()
+    before = snapshot(db.engine)
+    run_id = sync(db, body)
+    check_sync(body, before, snapshot(db.engine), run_id)
+    assert len(decoded) <= COUNT // 300 + 2
+
+
+def test_text_that_looks_like_a_boundary_is_not_one(db: Db) -> None:
+    """Names holding `}, {` and whole records' text; a stored record's text inside a string."""
+    plain = [dataset(f"id-{i}") for i in range(5)]
+    inner = json.dumps(plain[1])[1:-1]
+    tricky = [
+        plain[0],
+        {**plain[1], "name": "a}, {" + inner},
+        plain[2],
+        {**plain[3], "name": "}, {"},
+        plain[4],
+    ]
+    for records in (plain, tricky, plain, list(reversed(tricky)), tricky):
+        body = json.dumps({"datasets": records}).encode()
+        before = snapshot(db.engine)
+        run_id = sync(db, body)
+        after = snapshot(db.engine)
+        check_sync(body, before, after, run_id)
+        assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
+
+
+def test_a_repeated_record_recognised_by_its_text_counts_once(db: Db) -> None:
+    base = synthetic(50)
+    sync(db, json.dumps({"datasets": base}).encode())
+    # The same text twice, and a recognised record followed by a changed one of its id.
+    again = [*base, base[10], {**base[20], "name": "later"}]
+    for records in (again, [*base, base[10]]):
+        body = json.dumps({"datasets": records}).encode()
+        before = snapshot(db.engine)
+        run_id = sync(db, body)
+        after = snapshot(db.engine)
+        check_sync(body, before, after, run_id)
+        assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
