@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,9 +20,15 @@ import pytest
 from sync import store
 from sync.jsonstream import ListingStream
 from tests.fakeapi import dataset, synthetic
-from tests.test_streaming_apply import Db, check_sync, db, snapshot, sync  # noqa: F401
+from tests.test_streaming_apply import Db, check_sync, migrated, snapshot, sync
 
 COUNT = 1200
+
+
+@pytest.fixture
+def db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Db]:
+    """A freshly migrated database on each backend; store.apply flushes every 500 rows."""
+    yield from migrated(db_url, monkeypatch)
 
 
 def digests_of(body: bytes) -> dict[str, str | None]:

@@ -65,6 +65,11 @@ class Db:
 @pytest.fixture
 def db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Db]:
     """A freshly migrated database on each backend; store.apply flushes every FLUSH rows."""
+    yield from migrated(db_url, monkeypatch)
+
+
+def migrated(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Db]:
+    """The `db` fixture's body, for other modules' fixtures."""
     monkeypatch.setattr(store, "FLUSH_ROWS", FLUSH)
     engine = make_engine(db_url)
     if engine.dialect.name == "sqlite":
