@@ -16,11 +16,14 @@ from sqlalchemy import (
     String,
     any_,
     bindparam,
+    column,
     func,
     insert,
     literal,
     null,
     select,
+    table,
+    true,
     update,
 )
 from sqlalchemy.sql.dml import Insert, UpdateBase
@@ -504,6 +507,9 @@ class _Writer:
             self.timestamp = _aware_utc
         self.now_value = self.timestamp(now)
         self.copy = dialect.name == "postgresql"
+        self.staged: _Staged | None = None
+        if dialect.name == "sqlite":
+            self.staged = _Staged(conn, run_id, now, step)
         self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
         self.set_digest = _Compiled(
             conn,
@@ -543,6 +549,13 @@ class _Writer:
                 )
             )
             ids[change].append(row.dataset_id)
+        if self.staged is not None:
+            change_of = {row.dataset_id: change for row, _owner, change, _digest in batch}
+            self.staged.write(
+                [(*values, change_of[values[0]]) for values in (*new, *changed)],
+                closing=bool(changed),
+            )
+            return
         if not self.copy:
             self.upsert.execute(new + changed, self.step)
             self.close_versions(ids[CHANGE_UPDATE] + ids[CHANGE_RESTORE])
@@ -595,6 +608,67 @@ class _Writer:
         with cursor.copy(f"COPY {table} ({', '.join(keys)}) FROM STDIN") as copy:
             for values in rows:
                 copy.write_row(values)
+
+
+# SQLite: a batch goes into a temporary table first, then into `datasets` and its history
+# by one INSERT ... SELECT each. Cheaper than an upsert per row into an indexed table, and
+# the history needs no lookups: its versions come from the same staged rows.
+_STAGE = table(
+    "ideogram_sync_stage", *[column(k) for k in (*_DATASET_KEYS, "change_type")], schema="temp"
+)
+
+
+class _Staged:
+    """SQLite writes through the temporary table `temp.ideogram_sync_stage`."""
+
+    def __init__(
+        self, conn: Connection, run_id: int, now: datetime, step: Callable[[], None]
+    ) -> None:
+        from sqlalchemy.dialects import sqlite
+
+        self.conn = conn
+        self.step = step
+        # Untyped columns: SQLite keeps each value as the driver gave it (already converted).
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE.name} ({', '.join(_STAGE.c.keys())})"
+        )
+        conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
+        marks = ", ".join("?" for _ in _STAGE.c)
+        self.fill = (
+            f"INSERT INTO temp.{_STAGE.name} ({', '.join(_STAGE.c.keys())}) VALUES ({marks})"
+        )
+        staged = select(*[_STAGE.c[k] for k in _DATASET_KEYS]).where(true())
+        lite = sqlite.insert(datasets).from_select(_DATASET_KEYS, staged)
+        self.upsert = lite.on_conflict_do_update(
+            index_elements=[datasets.c.dataset_id],
+            set_={c: lite.excluded[c] for c in _UPDATE_COLUMNS},
+        )
+        replaced = select(_STAGE.c.dataset_id).where(_STAGE.c.change_type != CHANGE_INSERT)
+        self.close = (
+            update(dataset_history)
+            .where(dataset_history.c.dataset_id.in_(replaced), dataset_history.c.valid_to.is_(None))
+            .values(valid_to=now)
+        )
+        versions = select(
+            *[_STAGE.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
+            literal(now, UTCDateTime()),
+            null(),
+            _STAGE.c.change_type,
+            literal(run_id),
+        )
+        self.versions = insert(dataset_history).from_select(_HISTORY_KEYS, versions)
+
+    def write(self, rows: Sequence[tuple[Any, ...]], closing: bool) -> None:
+        """Stage `rows` (the datasets columns, then the change type) and write them."""
+        self.step()
+        self.conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
+        self.conn.exec_driver_sql(self.fill, list(rows))
+        self.step()
+        self.conn.execute(self.upsert)
+        if closing:
+            self.conn.execute(self.close)
+        self.conn.execute(self.versions)
+        self.conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
 
 
 class _Compiled:
