@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -137,6 +139,22 @@ def apply(
     with `last` = records.last_occurrences(...) of the same listing.
     """
     diff = _Diff(conn, account, run_id, now, checkpoint or _no_checkpoint, last)
+    try:
+        return _diff_all(diff, records, last, max_delete_fraction)
+    except BaseException:
+        # Nothing may run on the connection once the caller rolls it back.
+        diff.writer.abort()
+        raise
+    finally:
+        diff.writer.shutdown()
+
+
+def _diff_all(
+    diff: _Diff,
+    records: ListingStream,
+    last: dict[str, int] | None,
+    max_delete_fraction: float | None,
+) -> Applied:
     stored, seen = diff.stored, diff.seen
     records.expect(stored)
     unchanged = 0
@@ -264,7 +282,7 @@ class _Diff:
             self.updated += 1
         self.pending[dataset_id] = (row, owner, change, digest)
         if len(self.pending) >= FLUSH_ROWS:
-            self._flush()
+            self._flush(background=True)
 
     def _forget(self, dataset_id: str) -> _StoredValue | None:
         """Undo the earlier occurrence of a repeated id; return its stored value."""
@@ -308,25 +326,27 @@ class _Diff:
             self.complete = False
         return reject
 
-    def _flush(self) -> None:
+    def _flush(self, background: bool = False) -> None:
         if not self.pending:
             return
         self.step()
         batch = list(self.pending.values())
         self.pending.clear()
-        self.writer.write(batch)
+        self.writer.write(batch, background)
         for row, _owner, _change, _digest in batch:
             self.seen[row.dataset_id] = _WRITTEN
 
     def _flush_digests(self) -> None:
         if self.digests:
             self.step()
+            self.writer.wait()
             self.writer.set_digests([(digest, i) for i, digest in self.digests.items()])
             for dataset_id in self.digests:
                 self.seen[dataset_id] = _WRITTEN
             self.digests.clear()
 
     def finish(self, seen: int, max_delete_fraction: float | None) -> Applied:
+        self.writer.wait()  # a batch may be in the background with nothing pending after it
         self._flush()
         self._flush_digests()
         gone: list[str] = []
@@ -523,8 +543,28 @@ class _Writer:
         """Set the record digest of rows whose content is unchanged: (digest, id) pairs."""
         self.set_digest.execute(pairs, self.step)
 
-    def write(self, batch: Sequence[tuple[DatasetRow, str, str, str | None]]) -> None:
-        """Upsert the rows of `batch` and add a version of each, closing the one it replaces."""
+    def wait(self) -> None:
+        """Wait for a batch still being written in the background; raise what it raised."""
+        if self.staged is not None:
+            self.staged.wait()
+
+    def abort(self) -> None:
+        """Stop a batch being written in the background, before the caller rolls back."""
+        if self.staged is not None:
+            self.staged.abort()
+
+    def shutdown(self) -> None:
+        """Release the background writer, if one was started."""
+        if self.staged is not None:
+            self.staged.shutdown()
+
+    def write(
+        self, batch: Sequence[tuple[DatasetRow, str, str, str | None]], background: bool = False
+    ) -> None:
+        """Upsert the rows of `batch` and add a version of each, closing the one it replaces.
+
+        `background`: the caller goes on reading while the database writes (SQLite only).
+        """
         ts, now, run_id = self.timestamp, self.now_value, self.run_id
         new: list[tuple[Any, ...]] = []
         changed: list[tuple[Any, ...]] = []
@@ -554,6 +594,7 @@ class _Writer:
             self.staged.write(
                 [(*values, change_of[values[0]]) for values in (*new, *changed)],
                 closing=bool(changed),
+                background=background,
             )
             return
         if not self.copy:
@@ -619,7 +660,13 @@ _STAGE = table(
 
 
 class _Staged:
-    """SQLite writes through the temporary table `temp.ideogram_sync_stage`."""
+    """SQLite writes through the temporary table `temp.ideogram_sync_stage`.
+
+    The two INSERT ... SELECT of a batch run inside SQLite, without the GIL: in the
+    background (one worker thread, one batch at a time) they overlap with the reading of the
+    next batch. The connection is never used by both threads at once: each write first
+    waits for the one before.
+    """
 
     def __init__(
         self, conn: Connection, run_id: int, now: datetime, step: Callable[[], None]
@@ -628,6 +675,11 @@ class _Staged:
 
         self.conn = conn
         self.step = step
+        database = conn.engine.url.database or ""
+        # An in-memory database is one connection that only its own thread may use.
+        self.can_background = bool(database) and ":memory:" not in database
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: Future[None] | None = None
         # Untyped columns: SQLite keeps each value as the driver gave it (already converted).
         conn.exec_driver_sql(
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE.name} ({', '.join(_STAGE.c.keys())})"
@@ -658,17 +710,51 @@ class _Staged:
         )
         self.versions = insert(dataset_history).from_select(_HISTORY_KEYS, versions)
 
-    def write(self, rows: Sequence[tuple[Any, ...]], closing: bool) -> None:
+    def write(
+        self, rows: Sequence[tuple[Any, ...]], closing: bool, background: bool = False
+    ) -> None:
         """Stage `rows` (the datasets columns, then the change type) and write them."""
+        self.wait()
         self.step()
         self.conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
         self.conn.exec_driver_sql(self.fill, list(rows))
         self.step()
+        if background and self.can_background:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="sync-write")
+            self.pending = self.pool.submit(self._merge, closing)
+        else:
+            self._merge(closing)
+
+    def _merge(self, closing: bool) -> None:
         self.conn.execute(self.upsert)
         if closing:
             self.conn.execute(self.close)
         self.conn.execute(self.versions)
-        self.conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
+
+    def wait(self) -> None:
+        """Wait for the batch being written in the background; raise what it raised."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def abort(self) -> None:
+        """Interrupt the batch being written in the background and wait until it stopped."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if not pending.done():
+            dbapi = self.conn.connection.dbapi_connection
+            if dbapi is not None:
+                dbapi.interrupt()  # type: ignore[attr-defined]
+        # Whatever it raised (interrupted, most likely): the caller rolls back anyway.
+        wait_futures([pending])
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (after abort or wait: it has nothing left to do)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 class _Compiled:

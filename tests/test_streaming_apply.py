@@ -9,9 +9,12 @@ history with one open version per dataset and no two versions of one dataset fro
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,10 +25,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from sync import store
+from sync import runs, store
 from sync.config import DatabaseSettings, Settings
-from sync.db import make_engine, migrate
+from sync.db import make_engine, migrate, write_transaction
+from sync.errors import Cancelled
 from sync.job import sync_account
+from sync.jsonstream import ListingStream
 from sync.models import dataset_history, datasets, sync_runs
 from sync.records import Listing, parse_listing
 from sync.store import CONTENT_COLUMNS
@@ -467,3 +472,39 @@ def test_dropped_datasets_are_deleted_while_repeats_are_resolved(
         assert after.datasets[record["dataset_id"]] == before.datasets[record["dataset_id"]]
     for record in base[TOTAL:]:
         assert after.datasets[record["dataset_id"]]["deleted_at"] is not None
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 7])
+def test_a_stop_while_a_batch_is_written_leaves_nothing(db: Db, stop_at: int) -> None:
+    """A stop (cancel, SIGTERM, a repeated id) while the batch before is still being written
+    (in the background on SQLite): that write ends before the rollback, and nothing stays."""
+    body = body_of(synthetic(TOTAL * 3))
+    run_id = runs.start_run(db.engine, "default", db.clock())
+    before = snapshot(db.engine)
+    calls = itertools.count(1)
+
+    def checkpoint() -> None:
+        if next(calls) == stop_at:
+            raise Cancelled()
+
+    def slow_background_write(*_args: Any) -> None:
+        # So that the stop comes while the batch before is still being written.
+        if threading.current_thread().name.startswith("sync-write"):
+            time.sleep(0.2)
+
+    sa.event.listen(db.engine, "before_cursor_execute", slow_background_write)
+    with pytest.raises(Cancelled), write_transaction(db.engine) as conn:
+        store.apply(
+            conn,
+            "default",
+            ListingStream(io.BytesIO(body)),
+            run_id,
+            db.clock(),
+            checkpoint=checkpoint,
+        )
+    sa.event.remove(db.engine, "before_cursor_execute", slow_background_write)
+    assert snapshot(db.engine) == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("sync-write")]
+    # The connection is usable again: a full sync afterwards is right.
+    run_id = sync(db, body)
+    check_sync(body, before, snapshot(db.engine), run_id)
