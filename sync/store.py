@@ -505,9 +505,10 @@ class _Writer:
     """Writes batches of changed rows and their history versions, the fastest way per dialect.
 
     Rows go to the driver as tuples, converted once per row exactly as models.UTCDateTime
-    and JSON would (SQLAlchemy's per-value processing dominated bulk writes); PostgreSQL
-    gets new rows by COPY. History versions are copied from the rows just written by
-    `INSERT … SELECT` inside the database, so their content is not sent twice.
+    and JSON would (SQLAlchemy's per-value processing dominated bulk writes). SQLite and
+    PostgreSQL take a batch through a temporary stage table (`_Staged`); MariaDB/MySQL get
+    an upsert, and history versions copied from the rows just written by `INSERT … SELECT`
+    inside the database, so their content is not sent twice.
     """
 
     def __init__(
@@ -526,11 +527,11 @@ class _Writer:
         else:
             self.timestamp = _aware_utc
         self.now_value = self.timestamp(now)
-        self.copy = dialect.name == "postgresql"
         self.staged: _Staged | None = None
-        if dialect.name == "sqlite":
+        if dialect.name in ("sqlite", "postgresql"):
             self.staged = _Staged(conn, run_id, now, step)
-        self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
+        else:
+            self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
         self.set_digest = _Compiled(
             conn,
             update(datasets)
@@ -563,14 +564,36 @@ class _Writer:
     ) -> None:
         """Upsert the rows of `batch` and add a version of each, closing the one it replaces.
 
-        `background`: the caller goes on reading while the database writes (SQLite only).
+        `background`: the caller may go on reading while the database writes.
         """
-        ts, now, run_id = self.timestamp, self.now_value, self.run_id
-        new: list[tuple[Any, ...]] = []
-        changed: list[tuple[Any, ...]] = []
+        ts, run_id = self.timestamp, self.run_id
+        if self.staged is not None:
+            replaced = [
+                row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
+            ]
+            staged = [
+                (
+                    row.dataset_id,
+                    owner,
+                    row.name,
+                    row.user_id,
+                    ts(row.creation_time),
+                    row.cover_asset_type,
+                    row.cover_asset_id,
+                    None if row.extra is None else json.dumps(row.extra),
+                    row.content_hash,
+                    digest,
+                    change,
+                )
+                for row, owner, change, digest in batch
+            ]
+            self.staged.write(staged, replaced, background)
+            return
+        now = self.now_value
+        rows: list[tuple[Any, ...]] = []
         ids: dict[str, list[str]] = {CHANGE_INSERT: [], CHANGE_UPDATE: [], CHANGE_RESTORE: []}
         for row, owner, change, digest in batch:
-            (new if change == CHANGE_INSERT else changed).append(
+            rows.append(
                 (
                     row.dataset_id,
                     owner,
@@ -589,32 +612,10 @@ class _Writer:
                 )
             )
             ids[change].append(row.dataset_id)
-        if self.staged is not None:
-            change_of = {row.dataset_id: change for row, _owner, change, _digest in batch}
-            self.staged.write(
-                [(*values, change_of[values[0]]) for values in (*new, *changed)],
-                closing=bool(changed),
-                background=background,
-            )
-            return
-        if not self.copy:
-            self.upsert.execute(new + changed, self.step)
-            self.close_versions(ids[CHANGE_UPDATE] + ids[CHANGE_RESTORE])
-            for change, changed_ids in ids.items():
-                self.add_versions(changed_ids, change)
-            return
-        # PostgreSQL: the diff saw the new ids absent, under the write lock, so a plain COPY
-        # cannot conflict. History goes by COPY too: right after a bulk load the planner has
-        # no statistics for the table, and an `IN (...)` lookup per batch becomes a full
-        # scan per batch (minutes at 100,000 rows).
-        self._copy("datasets", _DATASET_KEYS, new)
-        self.upsert.execute(changed, self.step)
+        self.upsert.execute(rows, self.step)
         self.close_versions(ids[CHANGE_UPDATE] + ids[CHANGE_RESTORE])
-        change_of = {row.dataset_id: change for row, _owner, change, _digest in batch}
-        versions = [
-            (*values[:8], now, None, change_of[values[0]], run_id) for values in (*new, *changed)
-        ]
-        self._copy("dataset_history", _HISTORY_KEYS, versions)
+        for change, changed_ids in ids.items():
+            self.add_versions(changed_ids, change)
 
     def close_versions(self, ids: Sequence[str]) -> None:
         """End the open history version of each of `ids` now."""
@@ -641,95 +642,139 @@ class _Writer:
             ).where(match)
             self.conn.execute(insert(dataset_history).from_select(_HISTORY_KEYS, rows))
 
-    def _copy(self, table: str, keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        self.step()
-        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {table} ({', '.join(keys)}) FROM STDIN") as copy:
-            for values in rows:
-                copy.write_row(values)
 
-
-# SQLite: a batch goes into a temporary table first, then into `datasets` and its history
-# by one INSERT ... SELECT each. Cheaper than an upsert per row into an indexed table, and
-# the history needs no lookups: its versions come from the same staged rows.
-_STAGE = table(
-    "ideogram_sync_stage", *[column(k) for k in (*_DATASET_KEYS, "change_type")], schema="temp"
+# What a batch's stage table holds per row: the content as the API sent it, then the
+# owner's hash and digest and what the change is. Run id and times are the same for
+# every row, so they go in the INSERT ... SELECT, not in every staged row.
+_STAGED_KEYS = (
+    "dataset_id",
+    "account",
+    *CONTENT_COLUMNS,
+    "content_hash",
+    "record_digest",
+    "change_type",
 )
+_PG_STAGE_TYPES = {
+    "creation_time": "TIMESTAMPTZ",
+    "extra": "JSONB",
+}
 
 
 class _Staged:
-    """SQLite writes through the temporary table `temp.ideogram_sync_stage`.
+    """SQLite and PostgreSQL write a batch through a temporary table.
 
-    The two INSERT ... SELECT of a batch run inside SQLite, without the GIL: in the
-    background (one worker thread, one batch at a time) they overlap with the reading of the
-    next batch. The connection is never used by both threads at once: each write first
-    waits for the one before.
+    The batch goes into the stage table (SQLite: executemany into a table without indexes;
+    PostgreSQL: COPY), then into `datasets` and its history by one INSERT ... SELECT each:
+    cheaper than an upsert per row into the indexed table, and the history needs no id
+    lookups, its versions come from the same staged rows. Those statements run inside the
+    database, without the GIL: in the background (one worker thread, one batch at a time)
+    they overlap with the reading of the next batch. The connection is never used by both
+    threads at once: each write first waits for the one before.
     """
 
     def __init__(
         self, conn: Connection, run_id: int, now: datetime, step: Callable[[], None]
     ) -> None:
-        from sqlalchemy.dialects import sqlite
-
         self.conn = conn
         self.step = step
+        self.postgres = conn.dialect.name == "postgresql"
         database = conn.engine.url.database or ""
-        # An in-memory database is one connection that only its own thread may use.
-        self.can_background = bool(database) and ":memory:" not in database
+        # SQLite: an in-memory database is one connection that only its own thread may use.
+        self.can_background = self.postgres or (bool(database) and ":memory:" not in database)
         self.pool: ThreadPoolExecutor | None = None
         self.pending: Future[None] | None = None
-        # Untyped columns: SQLite keeps each value as the driver gave it (already converted).
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE.name} ({', '.join(_STAGE.c.keys())})"
+        name = "ideogram_sync_stage"
+        # PostgreSQL finds temporary tables first on any search_path; SQLite names them.
+        schema = None if self.postgres else "temp"
+        stage = table(name, *[column(k) for k in _STAGED_KEYS], schema=schema)
+        if self.postgres:
+            from sqlalchemy.dialects import postgresql as dialect_module
+
+            types = ", ".join(f"{k} {_PG_STAGE_TYPES.get(k, 'TEXT')}" for k in _STAGED_KEYS)
+            # Dropped with the transaction, whatever ends it.
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} ({types}) ON COMMIT DROP")
+            self.fill_sql = f"COPY {name} ({', '.join(_STAGED_KEYS)}) FROM STDIN"
+        else:
+            from sqlalchemy.dialects import sqlite as dialect_module  # type: ignore[no-redef]
+
+            # Untyped columns: SQLite keeps each value as the driver gave it (converted).
+            conn.exec_driver_sql(
+                f"CREATE TEMP TABLE IF NOT EXISTS {name} ({', '.join(_STAGED_KEYS)})"
+            )
+            marks = ", ".join("?" for _ in _STAGED_KEYS)
+            self.fill_sql = f"INSERT INTO temp.{name} ({', '.join(_STAGED_KEYS)}) VALUES ({marks})"
+        # PostgreSQL: TRUNCATE, or every batch would scan the dead rows of those before.
+        self.clear_sql = f"TRUNCATE {name}" if self.postgres else f"DELETE FROM temp.{name}"
+        conn.exec_driver_sql(self.clear_sql)
+        when = literal(now, UTCDateTime())
+        run = literal(run_id)
+        rows = select(
+            *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
+            when,
+            when,
+            null(),
+            run,
+            stage.c.content_hash,
+            stage.c.record_digest,
         )
-        conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
-        marks = ", ".join("?" for _ in _STAGE.c)
-        self.fill = (
-            f"INSERT INTO temp.{_STAGE.name} ({', '.join(_STAGE.c.keys())}) VALUES ({marks})"
+        keys = (
+            "dataset_id",
+            "account",
+            *CONTENT_COLUMNS,
+            "first_seen_at",
+            "updated_at",
+            "deleted_at",
+            "last_sync_run_id",
+            "content_hash",
+            "record_digest",
         )
-        staged = select(*[_STAGE.c[k] for k in _DATASET_KEYS]).where(true())
-        lite = sqlite.insert(datasets).from_select(_DATASET_KEYS, staged)
-        self.upsert = lite.on_conflict_do_update(
+        # SQLite needs a WHERE to tell the upsert's ON from a join's.
+        upsert = dialect_module.insert(datasets).from_select(keys, rows.where(true()))
+        self.upsert = upsert.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
-            set_={c: lite.excluded[c] for c in _UPDATE_COLUMNS},
-        )
-        replaced = select(_STAGE.c.dataset_id).where(_STAGE.c.change_type != CHANGE_INSERT)
-        self.close = (
-            update(dataset_history)
-            .where(dataset_history.c.dataset_id.in_(replaced), dataset_history.c.valid_to.is_(None))
-            .values(valid_to=now)
+            set_={c: upsert.excluded[c] for c in _UPDATE_COLUMNS},
         )
         versions = select(
-            *[_STAGE.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
-            literal(now, UTCDateTime()),
+            *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
+            when,
             null(),
-            _STAGE.c.change_type,
-            literal(run_id),
+            stage.c.change_type,
+            run,
         )
         self.versions = insert(dataset_history).from_select(_HISTORY_KEYS, versions)
+        self.now = now
 
     def write(
-        self, rows: Sequence[tuple[Any, ...]], closing: bool, background: bool = False
+        self, rows: Sequence[tuple[Any, ...]], replaced: Sequence[str], background: bool
     ) -> None:
-        """Stage `rows` (the datasets columns, then the change type) and write them."""
+        """Stage `rows` (in _STAGED_KEYS order) and write them; `replaced`: ids not new."""
         self.wait()
         self.step()
-        self.conn.exec_driver_sql(f"DELETE FROM temp.{_STAGE.name}")
-        self.conn.exec_driver_sql(self.fill, list(rows))
+        self.conn.exec_driver_sql(self.clear_sql)
+        if self.postgres:
+            cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            with cursor.copy(self.fill_sql) as copy:
+                for values in rows:
+                    copy.write_row(values)
+        else:
+            self.conn.exec_driver_sql(self.fill_sql, list(rows))
         self.step()
         if background and self.can_background:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(1, thread_name_prefix="sync-write")
-            self.pending = self.pool.submit(self._merge, closing)
+            self.pending = self.pool.submit(self._merge, replaced)
         else:
-            self._merge(closing)
+            self._merge(replaced)
 
-    def _merge(self, closing: bool) -> None:
+    def _merge(self, replaced: Sequence[str]) -> None:
         self.conn.execute(self.upsert)
-        if closing:
-            self.conn.execute(self.close)
+        # Close the versions the new ones replace before adding those.
+        for match in _id_batches(self.conn, dataset_history.c.dataset_id, replaced):
+            self.conn.execute(
+                update(dataset_history)
+                .where(match, dataset_history.c.valid_to.is_(None))
+                .values(valid_to=self.now)
+            )
         self.conn.execute(self.versions)
 
     def wait(self) -> None:
@@ -744,9 +789,11 @@ class _Staged:
         if pending is None:
             return
         if not pending.done():
-            dbapi = self.conn.connection.dbapi_connection
-            if dbapi is not None:
-                dbapi.interrupt()  # type: ignore[attr-defined]
+            dbapi: Any = self.conn.connection.dbapi_connection
+            if self.postgres:
+                getattr(dbapi, "cancel_safe", dbapi.cancel)()  # cancel_safe: psycopg 3.2+
+            else:
+                dbapi.interrupt()
         # Whatever it raised (interrupted, most likely): the caller rolls back anyway.
         wait_futures([pending])
 
