@@ -86,7 +86,8 @@ class ListingStream:
         self._expected = expected
         self._misses = 0
         self._prefix = ""
-        self._last: tuple[str, int, int] | None = None
+        # The element handed out last: where its text is, or itself if it was Known.
+        self._last: tuple[str, int, int] | Known | None = None
         self._file = file
         self._chunk = chunk_size
         self._buf = ""
@@ -123,6 +124,8 @@ class ListingStream:
         """record_digest of the element handed out last (None if it was not an object)."""
         if self._last is None:
             return None
+        if isinstance(self._last, Known):
+            return record_digest(self._last.text)
         buf, start, end = self._last
         if buf[start : start + 1] != "{":
             return None
@@ -197,13 +200,11 @@ class ListingStream:
             buf, pos = self._buf, self._pos
             if buf[pos : pos + 1] in _WS_CHARS:
                 pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
-            if term:
-                known = self._known(buf, pos, term)
-                if known is not None:
-                    self._pos = pos + len(known.text) + len(term)
-                    self.seen += 1
-                    yield known
-                    continue
+            if term and self._misses < _KNOWN_GIVE_UP:
+                # Stored records one after the other: recognised here, without a call each.
+                self._pos = pos
+                yield from self._known_run(buf, pos, term)
+                buf, pos = self._buf, self._pos
             try:
                 record, end = decode(buf, pos)
             except json.JSONDecodeError:
@@ -245,33 +246,48 @@ class ListingStream:
         self._prefix = prefix.group()
         return buf[close - 1 : after + 1]
 
-    def _known(self, buf: str, pos: int, term: str) -> Known | None:
-        """The element at `pos` as Known if its text is a stored record's, else None."""
-        if self._misses >= _KNOWN_GIVE_UP or buf[pos : pos + 1] != "{":
-            return None
-        # The first `}, {` after pos ends this element if it is a stored record's text: a
-        # stored text is a whole object, and one whole object cannot be the beginning of
-        # another (if a string or nested object holds `}, {`, the digest just misses).
-        cut = buf.find(term, pos + 1, pos + _KNOWN_WINDOW)
-        if cut > 0:
+    def _known_run(self, buf: str, pos: int, term: str) -> Iterator[Known]:
+        """The elements from `pos` on, as Known, while their text is a stored record's.
+
+        Leaves `_pos` at the first element that is not (or at the end of the buffer's
+        complete ones); a miss counts towards giving up.
+        """
+        get = self._expected.get  # type: ignore[union-attr]
+        prefix = self._prefix
+        start = len(prefix)
+        step = len(term) - 1
+        find = buf.find
+        blake2b = hashlib.blake2b
+        while buf.startswith("{", pos):
+            # The first `}, {` after pos ends this element if it is a stored record's text:
+            # a stored text is a whole object, and one whole object cannot be the beginning
+            # of another (if a string or nested object holds `}, {`, the digest misses).
+            cut = find(term, pos + 1, pos + _KNOWN_WINDOW)
+            if cut < 0:
+                return  # no separator within reach: the end of the buffer, or a huge record
             inner = buf[pos + 1 : cut]
-            prefix = self._prefix
-            if inner.startswith(prefix):
-                # Only a guess at the id (it ends at the first quote, escaped or not): the
-                # digest decides, and an equal digest means equal text, hence this id.
-                start = len(prefix)
-                dataset_id = inner[start : inner.find('"', start)]
-                old = self._expected.get(dataset_id)  # type: ignore[union-attr]
-                if (
-                    type(old) is str
-                    and len(old) == 2 * DIGEST_LENGTH
-                    and old.endswith(record_digest(inner))
-                ):
-                    self._misses = 0
-                    self._last = (buf, pos, cut + 1)
-                    return Known(dataset_id, inner)
+            if not inner.startswith(prefix):
+                break
+            # Only a guess at the id (it ends at the first quote, escaped or not): the
+            # digest decides, and an equal digest means equal text, hence this id.
+            dataset_id = inner[start : inner.find('"', start)]
+            old = get(dataset_id)
+            # record_digest, inline: this loop runs once per unchanged record.
+            if (
+                type(old) is not str
+                or len(old) != 2 * DIGEST_LENGTH
+                or not old.endswith(
+                    blake2b(inner.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+                )
+            ):
+                break
+            known = Known(dataset_id, inner)
+            self._last = known
+            self._pos = pos = cut + step
+            self._misses = 0
+            self.seen += 1
+            yield known
         self._misses += 1
-        return None
 
     def _closed_by(self, close: str) -> bool:
         """Consume the `,` or `close` after a member; True if it was `close`."""
