@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -182,6 +183,19 @@ sync_locks = Table(
     Column("acquired_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
 )
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one sync did to the table (the counters of its sync_runs row)."""
+
+    seen: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    rejected: int = 0
+
 
 RUN_RUNNING = "running"
 RUN_SUCCESS = "success"

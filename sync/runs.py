@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from sync.models import RUN_ABANDONED, RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, sync_runs
-from sync.store import Counts
+from sync.models import RUN_ABANDONED, RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, Counts, sync_runs
 
 # Long errors are cut so one bad response cannot bloat the run table.
 MAX_ERROR_LENGTH = 2000

@@ -37,6 +37,7 @@ from sync.models import (
     CHANGE_INSERT,
     CHANGE_RESTORE,
     CHANGE_UPDATE,
+    Counts,
     UTCDateTime,
     dataset_history,
     datasets,
@@ -78,18 +79,6 @@ _UPDATE_COLUMNS = (
     "deleted_at",
     "last_sync_run_id",
 )
-
-
-@dataclass(frozen=True)
-class Counts:
-    """What one sync did to the table."""
-
-    seen: int = 0
-    inserted: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    deleted: int = 0
-    rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
