@@ -539,7 +539,7 @@ class _Writer:
             self.staged.wait()
 
     def abort(self) -> None:
-        """Stop a batch being written in the background, before the caller rolls back."""
+        """Let a batch being written in the background end, before the caller rolls back."""
         if self.staged is not None:
             self.staged.abort()
 
@@ -773,18 +773,15 @@ class _Staged:
             pending.result()
 
     def abort(self) -> None:
-        """Interrupt the batch being written in the background and wait until it stopped."""
+        """Let the batch being written in the background end, whatever it raises.
+
+        Not interrupted: it is one batch (at most FLUSH_ROWS rows) of a transaction that
+        already holds the write lock, so it ends within moments, and a cancel request
+        could land on the rollback that follows instead.
+        """
         pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        if not pending.done():
-            dbapi: Any = self.conn.connection.dbapi_connection
-            if self.postgres:
-                getattr(dbapi, "cancel_safe", dbapi.cancel)()  # cancel_safe: psycopg 3.2+
-            else:
-                dbapi.interrupt()
-        # Whatever it raised (interrupted, most likely): the caller rolls back anyway.
-        wait_futures([pending])
+        if pending is not None:
+            wait_futures([pending])
 
     def shutdown(self) -> None:
         """Stop the worker thread (after abort or wait: it has nothing left to do)."""

@@ -477,7 +477,7 @@ def test_dropped_datasets_are_deleted_while_repeats_are_resolved(
 @pytest.mark.parametrize("stop_at", [3, 4, 7])
 def test_a_stop_while_a_batch_is_written_leaves_nothing(db: Db, stop_at: int) -> None:
     """A stop (cancel, SIGTERM, a repeated id) while the batch before is still being written
-    (in the background on SQLite): that write ends before the rollback, and nothing stays."""
+    (in the background on SQLite and PostgreSQL): that write ends before the rollback, and nothing stays."""
     body = body_of(synthetic(TOTAL * 3))
     run_id = runs.start_run(db.engine, "default", db.clock())
     before = snapshot(db.engine)
