@@ -555,50 +555,23 @@ class _Writer:
 
         `background`: the caller may go on reading while the database writes.
         """
-        ts, run_id = self.timestamp, self.run_id
+        ts = self.timestamp
         if self.staged is not None:
             replaced = [
                 row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
             ]
             staged = [
-                (
-                    row.dataset_id,
-                    owner,
-                    row.name,
-                    row.user_id,
-                    ts(row.creation_time),
-                    row.cover_asset_type,
-                    row.cover_asset_id,
-                    None if row.extra is None else json.dumps(row.extra),
-                    row.content_hash,
-                    digest,
-                    change,
-                )
+                (*_content(row, owner, ts), row.content_hash, digest, change)
                 for row, owner, change, digest in batch
             ]
             self.staged.write(staged, replaced, background)
             return
-        now = self.now_value
+        now, run_id = self.now_value, self.run_id
         rows: list[tuple[Any, ...]] = []
         ids: dict[str, list[str]] = {CHANGE_INSERT: [], CHANGE_UPDATE: [], CHANGE_RESTORE: []}
         for row, owner, change, digest in batch:
             rows.append(
-                (
-                    row.dataset_id,
-                    owner,
-                    row.name,
-                    row.user_id,
-                    ts(row.creation_time),
-                    row.cover_asset_type,
-                    row.cover_asset_id,
-                    None if row.extra is None else json.dumps(row.extra),
-                    now,
-                    now,
-                    None,
-                    run_id,
-                    row.content_hash,
-                    digest,
-                )
+                (*_content(row, owner, ts), now, now, None, run_id, row.content_hash, digest)
             )
             ids[change].append(row.dataset_id)
         self.upsert.execute(rows, self.step)
@@ -697,6 +670,7 @@ class _Staged:
         conn.exec_driver_sql(self.clear_sql)
         when = literal(now, UTCDateTime())
         run = literal(run_id)
+        # In _DATASET_KEYS order: first_seen_at, updated_at, deleted_at, last_sync_run_id.
         rows = select(
             *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
             when,
@@ -706,19 +680,8 @@ class _Staged:
             stage.c.content_hash,
             stage.c.record_digest,
         )
-        keys = (
-            "dataset_id",
-            "account",
-            *CONTENT_COLUMNS,
-            "first_seen_at",
-            "updated_at",
-            "deleted_at",
-            "last_sync_run_id",
-            "content_hash",
-            "record_digest",
-        )
         # SQLite needs a WHERE to tell the upsert's ON from a join's.
-        upsert = dialect_module.insert(datasets).from_select(keys, rows.where(true()))
+        upsert = dialect_module.insert(datasets).from_select(_DATASET_KEYS, rows.where(true()))
         self.upsert = upsert.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
             set_={c: upsert.excluded[c] for c in _UPDATE_COLUMNS},
@@ -815,6 +778,20 @@ class _Compiled:
             else:
                 params = list(batch)
             self.conn.exec_driver_sql(self.sql, params)
+
+
+def _content(row: DatasetRow, owner: str, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    """Id, account and content columns of `row` as the driver takes them."""
+    return (
+        row.dataset_id,
+        owner,
+        row.name,
+        row.user_id,
+        ts(row.creation_time),
+        row.cover_asset_type,
+        row.cover_asset_id,
+        None if row.extra is None else json.dumps(row.extra),
+    )
 
 
 def _sqlite_timestamp(value: datetime) -> str:

@@ -20,7 +20,7 @@ import pytest
 from sync import store
 from sync.jsonstream import ListingStream
 from tests.fakeapi import dataset, synthetic
-from tests.test_streaming_apply import Db, check_sync, migrated, snapshot, sync
+from tests.test_streaming_apply import Db, State, check_sync, migrated, snapshot, sync
 
 COUNT = 1200
 
@@ -50,6 +50,16 @@ def decoded_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+def checked_sync(db: Db, body: bytes) -> tuple[State, State, dict[str, int]]:
+    """Sync `body`, check it against parse_listing and the digests; (before, after, counts)."""
+    before = snapshot(db.engine)
+    run_id = sync(db, body)
+    after = snapshot(db.engine)
+    counts = check_sync(body, before, after, run_id)
+    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
+    return before, after, counts
+
+
 def renamed_every(step: int, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {**r, "name": r["name"] + " (renamed)"} if i % step == 0 else r
@@ -59,22 +69,12 @@ def renamed_every(step: int, records: list[dict[str, Any]]) -> list[dict[str, An
 
 def test_rerun_decodes_only_what_changed(db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
     base = synthetic(COUNT)
-    first = json.dumps({"datasets": base}).encode()
-    before = snapshot(db.engine)
-    run_id = sync(db, first)
-    after = snapshot(db.engine)
-    check_sync(first, before, after, run_id)
-    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(first)
+    checked_sync(db, json.dumps({"datasets": base}).encode())
 
     decoded = decoded_lookups(monkeypatch)
     changed = renamed_every(100, base)
-    body = json.dumps({"datasets": changed}).encode()
-    before = after
-    run_id = sync(db, body)
-    after = snapshot(db.engine)
-    counts = check_sync(body, before, after, run_id)
+    _, _, counts = checked_sync(db, json.dumps({"datasets": changed}).encode())
     assert (counts["updated"], counts["unchanged"]) == (COUNT // 100, COUNT - COUNT // 100)
-    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
     # The renamed ones, plus at most the first record (read to learn the separator) and
     # the last (not followed by one): the rest were recognised by their text.
     renamed_ids = {r["dataset_id"] for i, r in enumerate(changed) if i % 100 == 0}
@@ -91,22 +91,18 @@ def test_same_content_spelled_differently_refreshes_only_the_digests(
     before = snapshot(db.engine)
 
     compact = json.dumps({"datasets": base}, separators=(",", ":")).encode()
-    run_id = sync(db, compact)
-    after = snapshot(db.engine)
-    counts = check_sync(compact, before, after, run_id)
+    before, after, counts = checked_sync(db, compact)
     assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (0, 0, COUNT)
     assert after.history == before.history
     for dataset_id, row in after.datasets.items():
         old = before.datasets[dataset_id]
         assert {**row, "record_digest": None} == {**old, "record_digest": None}
-    assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(compact)
 
     # Recognised in the new spelling from now on.
     decoded = decoded_lookups(monkeypatch)
-    body = json.dumps({"datasets": renamed_every(300, base)}, separators=(",", ":")).encode()
-    before = snapshot(db.engine)
-    run_id = sync(db, body)
-    check_sync(body, before, snapshot(db.engine), run_id)
+    checked_sync(
+        db, json.dumps({"datasets": renamed_every(300, base)}, separators=(",", ":")).encode()
+    )
     assert len(decoded) <= COUNT // 300 + 2
 
 
@@ -122,12 +118,7 @@ def test_text_that_looks_like_a_boundary_is_not_one(db: Db) -> None:
         plain[4],
     ]
     for records in (plain, tricky, plain, list(reversed(tricky)), tricky):
-        body = json.dumps({"datasets": records}).encode()
-        before = snapshot(db.engine)
-        run_id = sync(db, body)
-        after = snapshot(db.engine)
-        check_sync(body, before, after, run_id)
-        assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
+        checked_sync(db, json.dumps({"datasets": records}).encode())
 
 
 def test_a_repeated_record_recognised_by_its_text_counts_once(db: Db) -> None:
@@ -136,9 +127,4 @@ def test_a_repeated_record_recognised_by_its_text_counts_once(db: Db) -> None:
     # The same text twice, and a recognised record followed by a changed one of its id.
     again = [*base, base[10], {**base[20], "name": "later"}]
     for records in (again, [*base, base[10]]):
-        body = json.dumps({"datasets": records}).encode()
-        before = snapshot(db.engine)
-        run_id = sync(db, body)
-        after = snapshot(db.engine)
-        check_sync(body, before, after, run_id)
-        assert {i: r["record_digest"] for i, r in after.datasets.items()} == digests_of(body)
+        checked_sync(db, json.dumps({"datasets": records}).encode())
