@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -215,6 +214,8 @@ def _must_exist(path: Path, origin: str) -> Path:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file into a dict, turning every failure into a ConfigError."""
+    import tomllib  # only where there is a file: most commands under cron have none
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
