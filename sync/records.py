@@ -190,7 +190,7 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
     `check_text=False` skips the NUL/surrogate checks, for callers that know there are none.
     """
     if not check_text and type(record) is dict and len(record) == 5:
-        row = _parse_usual(record)
+        row = parse_usual(record)
         if row is not None:
             return row
     if not isinstance(record, dict):
@@ -244,12 +244,15 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
     )
 
 
-def _parse_usual(record: dict[str, Any]) -> DatasetRow | None:
-    """parse_record of a record in the API's usual shape, checked inline; None otherwise.
+def parse_usual(record: Any) -> DatasetRow | None:
+    """parse_record of a valid record in the API's usual shape, checked inline; else None.
 
     Most of every listing: the same rules as the general path, without its per-field
     calls. Anything unusual or invalid is left to the general path, which words errors.
+    Skips the NUL/surrogate checks: only for text that cannot hold either (not `risky`).
     """
+    if type(record) is not dict or len(record) != 5:
+        return None
     try:
         dataset_id = record["dataset_id"]
         name = record["name"]
@@ -291,11 +294,25 @@ def _parse_usual(record: dict[str, Any]) -> DatasetRow | None:
         creation_time = parse_timestamp(raw_time)
     except ValueError:
         return None
-    canonical = repr((name, user_id, creation_time.isoformat(), cover_type, cover_id))
+    canonical = repr((name, user_id, _utc_isoformat(raw_time, creation_time), cover_type, cover_id))
     digest = hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16)
     return DatasetRow(
         dataset_id, name, user_id, creation_time, cover_type, cover_id, None, digest.hexdigest()
     )
+
+
+def _utc_isoformat(raw: str, parsed: datetime) -> str:
+    """parsed.isoformat() for `parsed` = parse_timestamp(raw): `raw` itself where equal."""
+    # isoformat() costs more than the rest of hashing a record; the API's own spelling
+    # (canonical, UTC as +00:00) is already what it would give, except that it drops a
+    # fraction of zero.
+    if (
+        raw.endswith("+00:00")
+        and not raw.endswith(".000000+00:00")
+        and _CANONICAL_TIMESTAMP.fullmatch(raw)
+    ):
+        return raw
+    return parsed.isoformat()
 
 
 def _text(

@@ -48,6 +48,7 @@ from sync.records import (
     ListingStream,
     Reject,
     parse_record,
+    parse_usual,
     quick_hash,
     usable_id,
 )
@@ -144,7 +145,7 @@ def _diff_all(
     last: dict[str, int] | None,
     max_delete_fraction: float | None,
 ) -> Applied:
-    stored, seen = diff.stored, diff.seen
+    stored, seen, pending, account = diff.stored, diff.seen, diff.pending, diff.account
     records.expect(stored)
     unchanged = 0
     for index, record in enumerate(records):
@@ -174,6 +175,16 @@ def _diff_all(
                         seen[dataset_id] = old
                         unchanged += 1
                         diff.keep_digest(dataset_id, old, records.digest())
+                        continue
+                elif old is None and not records.risky:
+                    # A new dataset (all of a first sync) in the usual shape and valid.
+                    row = parse_usual(record)
+                    if row is not None:
+                        seen[dataset_id] = None
+                        pending[dataset_id] = (row, account, CHANGE_INSERT, records.digest())
+                        diff.inserted += 1
+                        if len(pending) >= FLUSH_ROWS:
+                            diff.flush_pending()
                         continue
         diff.add(index, record, records.risky, records.digest())
     diff.unchanged += unchanged
@@ -271,7 +282,11 @@ class _Diff:
             self.updated += 1
         self.pending[dataset_id] = (row, owner, change, digest)
         if len(self.pending) >= FLUSH_ROWS:
-            self._flush(background=True)
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Write the pending rows while the listing is still being read."""
+        self._flush(background=True)
 
     def _forget(self, dataset_id: str) -> _StoredValue | None:
         """Undo the earlier occurrence of a repeated id; return its stored value."""
@@ -686,6 +701,10 @@ class _Staged:
             index_elements=[datasets.c.dataset_id],
             set_={c: upsert.excluded[c] for c in _UPDATE_COLUMNS},
         )
+        # A batch of new rows only (every batch of a first sync): the diff found their ids
+        # absent under the write lock, so a plain insert cannot conflict, and it skips the
+        # upsert's speculative insertion.
+        self.insert = insert(datasets).from_select(_DATASET_KEYS, rows)
         versions = select(
             *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
             when,
@@ -719,7 +738,7 @@ class _Staged:
             self._merge(replaced)
 
     def _merge(self, replaced: Sequence[str]) -> None:
-        self.conn.execute(self.upsert)
+        self.conn.execute(self.upsert if replaced else self.insert)
         # Close the versions the new ones replace before adding those.
         for match in _id_batches(self.conn, dataset_history.c.dataset_id, replaced):
             self.conn.execute(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sync import records
 from sync.errors import ResponseError
 from sync.records import parse_listing, parse_record, parse_timestamp
 from tests.fakeapi import dataset
@@ -168,3 +169,46 @@ def test_shipped_example_parses() -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "datasets.json"
     listing = parse_listing(example.read_bytes())
     assert len(listing.rows) == 3 and listing.rejects == []
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        "2024-12-15T17:32:00.965408+00:00",
+        "2024-12-15T17:32:00+00:00",
+        "2024-12-15T17:32:00.000000+00:00",
+        "2024-12-15T17:32:00Z",
+        "2024-12-15T17:32:00.965408Z",
+        "2024-12-15T17:32:00-00:00",
+        "2024-12-15T19:32:00.5+02:00",
+        "2024-12-15 17:32:00+00:00",
+        "2024-12-15T17:32:00,965408+00:00",
+        "0999-01-01T00:00:00+00:00",
+        "2024-13-01T00:00:00+00:00",
+    ],
+)
+@pytest.mark.parametrize(
+    "cover",
+    [None, {"asset_type": "UPLOAD", "asset_id": "c"}, {"asset_type": " ", "asset_id": "c"}],
+)
+def test_the_usual_shape_shortcut_gives_what_the_general_path_gives(
+    created: str, cover: dict[str, str] | None
+) -> None:
+    """parse_usual (the inline path for the API's usual shape) is parse_record's general
+    path exactly, row and hash, or None where the general path would reject."""
+    record = {
+        "dataset_id": "a",
+        "name": "Cats",
+        "user_id": "u",
+        "creation_time": created,
+        "cover_asset_identifier": cover,
+    }
+    usual = records.parse_usual(record)
+    try:
+        general = records.parse_record(record, check_text=True)  # never takes the shortcut
+    except records.InvalidRecord:
+        assert usual is None
+        return
+    assert usual is None or usual == general
+    if created.endswith(("+00:00", "Z")) and created[10] == "T" and "," not in created:
+        assert usual is not None
