@@ -6,7 +6,7 @@ element of the top-level `datasets` array as soon as it is complete, using the s
 library's own C scanner (`JSONDecoder.raw_decode`) for every value, so what it accepts is
 exactly what `json.loads` accepts.
 
-Given the digests of records stored before (`expected`), it also recognises an element whose
+Given the digests of records stored before (`expect`), it also recognises an element whose
 text is exactly that of a stored record without decoding it: see `Known`.
 """
 
@@ -75,15 +75,8 @@ class ListingStream:
     record_digest of the element handed out last.
     """
 
-    def __init__(
-        self,
-        file: BinaryIO,
-        chunk_size: int = CHUNK_SIZE,
-        expected: Mapping[str, object] | None = None,
-    ) -> None:
-        # expected: dataset_id -> a 64-char str, content hash then the record_digest of the
-        # stored record's text (other values never match); a match is handed out as Known.
-        self._expected = expected
+    def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+        self._expected: Mapping[str, object] | None = None
         self._misses = 0
         self._prefix = ""
         # The element handed out last: where its text is, or itself if it was Known.
@@ -117,7 +110,11 @@ class ListingStream:
             raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
 
     def expect(self, expected: Mapping[str, object]) -> None:
-        """Recognise elements by `expected` (see __init__); call before iterating."""
+        """Hand out as Known each element whose text's record_digest is the expected one.
+
+        `expected`: dataset_id -> a 64-char str, content hash then the record_digest of the
+        stored record's text (other values never match). Call before iterating.
+        """
         self._expected = expected
 
     def digest(self) -> str | None:

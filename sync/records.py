@@ -66,9 +66,23 @@ def content_hash(
     not as a database's JSON type hands it back. migrations/versions/0005 holds a frozen
     copy; a test keeps the two equal.
     """
+    return _content_digest(
+        name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id, extra
+    )
+
+
+def _content_digest(
+    name: str,
+    user_id: str,
+    creation_iso: str,
+    cover_asset_type: str | None,
+    cover_asset_id: str | None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """content_hash, from the creation time as isoformat() spells it."""
     # repr() of a tuple of str/None is unambiguous and far cheaper than json.dumps;
     # JSON (sorted keys) is needed only for the free-form extra fields.
-    canonical = repr((name, user_id, creation_time.isoformat(), cover_asset_type, cover_asset_id))
+    canonical = repr((name, user_id, creation_iso, cover_asset_type, cover_asset_id))
     if extra is not None:
         canonical += json.dumps(extra, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
@@ -189,7 +203,7 @@ def parse_record(record: Any, check_text: bool = True) -> DatasetRow:
 
     `check_text=False` skips the NUL/surrogate checks, for callers that know there are none.
     """
-    if not check_text and type(record) is dict and len(record) == 5:
+    if not check_text:
         row = parse_usual(record)
         if row is not None:
             return row
@@ -251,21 +265,14 @@ def parse_usual(record: Any) -> DatasetRow | None:
     calls. Anything unusual or invalid is left to the general path, which words errors.
     Skips the NUL/surrogate checks: only for text that cannot hold either (not `risky`).
     """
-    if type(record) is not dict or len(record) != 5:
+    fields = _usual_fields(record)
+    if fields is None:
         return None
-    try:
-        dataset_id = record["dataset_id"]
-        name = record["name"]
-        user_id = record["user_id"]
-        raw_time = record["creation_time"]
-        cover = record["cover_asset_identifier"]
-    except KeyError:
-        return None
+    dataset_id, name, user_id, raw_time, cover_type, cover_id = fields
     if (
         type(dataset_id) is not str
         or type(name) is not str
         or type(user_id) is not str
-        or type(raw_time) is not str
         or not 0 < len(dataset_id) <= MAX_ID_LENGTH
         or not 0 < len(user_id) <= MAX_ID_LENGTH
         or len(name) > MAX_NAME_LENGTH
@@ -274,31 +281,26 @@ def parse_usual(record: Any) -> DatasetRow | None:
         or user_id.isspace()
     ):
         return None
-    if cover is None:
-        cover_type = cover_id = None
-    elif type(cover) is dict and len(cover) == 2:
-        cover_type = cover.get("asset_type")
-        cover_id = cover.get("asset_id")
-        if (
-            type(cover_type) is not str
-            or type(cover_id) is not str
-            or not 0 < len(cover_type) <= MAX_ASSET_TYPE_LENGTH
+    # The cover is null (both None) or two texts.
+    if (
+        cover_type is not None
+        and cover_id is not None
+        and (
+            not 0 < len(cover_type) <= MAX_ASSET_TYPE_LENGTH
             or not 0 < len(cover_id) <= MAX_ID_LENGTH
             or cover_type.isspace()
             or cover_id.isspace()
-        ):
-            return None
-    else:
+        )
+    ):
         return None
     try:
         creation_time = parse_timestamp(raw_time)
     except ValueError:
         return None
-    canonical = repr((name, user_id, _utc_isoformat(raw_time, creation_time), cover_type, cover_id))
-    digest = hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16)
-    return DatasetRow(
-        dataset_id, name, user_id, creation_time, cover_type, cover_id, None, digest.hexdigest()
+    digest = _content_digest(
+        name, user_id, _utc_isoformat(raw_time, creation_time), cover_type, cover_id
     )
+    return DatasetRow(dataset_id, name, user_id, creation_time, cover_type, cover_id, None, digest)
 
 
 def _utc_isoformat(raw: str, parsed: datetime) -> str:
@@ -391,32 +393,40 @@ def quick_hash(record: Any) -> str | None:
     already validated and stored version said, so it needs no parsing. Unequal (or None)
     means nothing; the caller then parses the record in full.
     """
+    fields = _usual_fields(record)
+    if fields is None:
+        return None
+    _dataset_id, name, user_id, raw_time, cover_type, cover_id = fields
+    # What parse_timestamp(...).isoformat() gives for the two UTC spellings; any other
+    # spelling merely misses, and a string that is no valid time cannot match a valid one.
+    iso = raw_time[:-1] + "+00:00" if raw_time.endswith("Z") else raw_time
+    return _content_digest(name, user_id, iso, cover_type, cover_id)
+
+
+def _usual_fields(record: Any) -> tuple[Any, Any, Any, str, str | None, str | None] | None:
+    """(dataset_id, name, user_id, creation_time, cover type, cover id) of a record in the
+    API's usual shape (its five fields, a text time, a cover of two texts or null), not
+    checked any further; None for any other shape."""
     if type(record) is not dict or len(record) != 5:
         return None
     try:
-        raw_time = record["creation_time"]
-        cover = record["cover_asset_identifier"]
+        dataset_id = record["dataset_id"]
         name = record["name"]
         user_id = record["user_id"]
-        record["dataset_id"]
+        raw_time = record["creation_time"]
+        cover = record["cover_asset_identifier"]
     except KeyError:
         return None
     if type(raw_time) is not str:
         return None
     if cover is None:
-        cover_type = cover_id = None
-    elif type(cover) is dict and len(cover) == 2:
+        return dataset_id, name, user_id, raw_time, None, None
+    if type(cover) is dict and len(cover) == 2:
         cover_type = cover.get("asset_type")
         cover_id = cover.get("asset_id")
-        if type(cover_type) is not str or type(cover_id) is not str:
-            return None
-    else:
-        return None
-    # What parse_timestamp(...).isoformat() gives for the two UTC spellings; any other
-    # spelling merely misses, and a string that is no valid time cannot match a valid one.
-    iso = raw_time[:-1] + "+00:00" if raw_time.endswith("Z") else raw_time
-    canonical = repr((name, user_id, iso, cover_type, cover_id))
-    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        if type(cover_type) is str and type(cover_id) is str:
+            return dataset_id, name, user_id, raw_time, cover_type, cover_id
+    return None
 
 
 def _missing_or_type(label: str, value: Any, wanted: str) -> str:

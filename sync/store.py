@@ -186,7 +186,7 @@ def _diff_all(
                         if len(pending) >= FLUSH_ROWS:
                             diff.flush_pending()
                         continue
-        diff.add(index, record, records.risky, records.digest())
+        diff.add(index, record, records.risky, records.digest)
     diff.unchanged += unchanged
     return diff.finish(records.seen, max_delete_fraction)
 
@@ -233,7 +233,10 @@ class _Diff:
             if len(self.digests) >= FLUSH_ROWS:
                 self._flush_digests()
 
-    def add(self, index: int, record: Any, check_text: bool, digest: str | None) -> None:
+    def add(
+        self, index: int, record: Any, check_text: bool, digest: Callable[[], str | None]
+    ) -> None:
+        """Diff one record the general way; `digest` gives its record digest when needed."""
         dataset_id = usable_id(record, check_text)
         if dataset_id is None:
             self._reject(index, None, record, check_text)
@@ -269,7 +272,7 @@ class _Diff:
             elif stored.content_hash == row.content_hash:
                 self.unchanged += 1
                 if isinstance(old, str):
-                    self.keep_digest(dataset_id, old, digest)
+                    self.keep_digest(dataset_id, old, digest())
                 return
             else:
                 # A dataset that another account lists too stays with the account that
@@ -280,7 +283,7 @@ class _Diff:
             self.inserted += 1
         else:
             self.updated += 1
-        self.pending[dataset_id] = (row, owner, change, digest)
+        self.pending[dataset_id] = (row, owner, change, digest())
         if len(self.pending) >= FLUSH_ROWS:
             self.flush_pending()
 
@@ -596,13 +599,7 @@ class _Writer:
 
     def close_versions(self, ids: Sequence[str]) -> None:
         """End the open history version of each of `ids` now."""
-        for match in _id_batches(self.conn, dataset_history.c.dataset_id, ids):
-            self.step()
-            self.conn.execute(
-                update(dataset_history)
-                .where(match, dataset_history.c.valid_to.is_(None))
-                .values(valid_to=self.now)
-            )
+        _close_versions(self.conn, ids, self.now, self.step)
 
     def add_versions(self, ids: Sequence[str], change: str) -> None:
         """Add a history version of each of `ids`, copied from its row as stored now."""
@@ -665,15 +662,11 @@ class _Staged:
         schema = None if self.postgres else "temp"
         stage = table(name, *[column(k) for k in _STAGED_KEYS], schema=schema)
         if self.postgres:
-            from sqlalchemy.dialects import postgresql as dialect_module
-
             types = ", ".join(f"{k} {_PG_STAGE_TYPES.get(k, 'TEXT')}" for k in _STAGED_KEYS)
             # Dropped with the transaction, whatever ends it.
             conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} ({types}) ON COMMIT DROP")
             self.fill_sql = f"COPY {name} ({', '.join(_STAGED_KEYS)}) FROM STDIN"
         else:
-            from sqlalchemy.dialects import sqlite as dialect_module  # type: ignore[no-redef]
-
             # Untyped columns: SQLite keeps each value as the driver gave it (converted).
             conn.exec_driver_sql(
                 f"CREATE TEMP TABLE IF NOT EXISTS {name} ({', '.join(_STAGED_KEYS)})"
@@ -685,33 +678,20 @@ class _Staged:
         conn.exec_driver_sql(self.clear_sql)
         when = literal(now, UTCDateTime())
         run = literal(run_id)
+        content = [stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)]
         # In _DATASET_KEYS order: first_seen_at, updated_at, deleted_at, last_sync_run_id.
         rows = select(
-            *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
-            when,
-            when,
-            null(),
-            run,
-            stage.c.content_hash,
-            stage.c.record_digest,
+            *content, when, when, null(), run, stage.c.content_hash, stage.c.record_digest
         )
         # SQLite needs a WHERE to tell the upsert's ON from a join's.
-        upsert = dialect_module.insert(datasets).from_select(_DATASET_KEYS, rows.where(true()))
-        self.upsert = upsert.on_conflict_do_update(
-            index_elements=[datasets.c.dataset_id],
-            set_={c: upsert.excluded[c] for c in _UPDATE_COLUMNS},
+        self.upsert = upsert_statement(conn.dialect.name).from_select(
+            _DATASET_KEYS, rows.where(true())
         )
         # A batch of new rows only (every batch of a first sync): the diff found their ids
         # absent under the write lock, so a plain insert cannot conflict, and it skips the
         # upsert's speculative insertion.
         self.insert = insert(datasets).from_select(_DATASET_KEYS, rows)
-        versions = select(
-            *[stage.c[k] for k in ("dataset_id", "account", *CONTENT_COLUMNS)],
-            when,
-            null(),
-            stage.c.change_type,
-            run,
-        )
+        versions = select(*content, when, null(), stage.c.change_type, run)
         self.versions = insert(dataset_history).from_select(_HISTORY_KEYS, versions)
         self.now = now
 
@@ -740,12 +720,7 @@ class _Staged:
     def _merge(self, replaced: Sequence[str]) -> None:
         self.conn.execute(self.upsert if replaced else self.insert)
         # Close the versions the new ones replace before adding those.
-        for match in _id_batches(self.conn, dataset_history.c.dataset_id, replaced):
-            self.conn.execute(
-                update(dataset_history)
-                .where(match, dataset_history.c.valid_to.is_(None))
-                .values(valid_to=self.now)
-            )
+        _close_versions(self.conn, replaced, self.now)
         self.conn.execute(self.versions)
 
     def wait(self) -> None:
@@ -797,6 +772,19 @@ class _Compiled:
             else:
                 params = list(batch)
             self.conn.exec_driver_sql(self.sql, params)
+
+
+def _close_versions(
+    conn: Connection, ids: Sequence[str], now: datetime, step: Callable[[], None] = _no_checkpoint
+) -> None:
+    """End the open history version of each of `ids` at `now`."""
+    for match in _id_batches(conn, dataset_history.c.dataset_id, ids):
+        step()
+        conn.execute(
+            update(dataset_history)
+            .where(match, dataset_history.c.valid_to.is_(None))
+            .values(valid_to=now)
+        )
 
 
 def _content(row: DatasetRow, owner: str, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
