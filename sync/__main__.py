@@ -1,5 +1,5 @@
 """`python -m sync` runs the CLI."""
 
-from sync.cli import main
+from sync.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -16,7 +16,11 @@ import codecs
 import hashlib
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
+from functools import partial
+from itertools import accumulate, repeat
+from operator import add, getitem, methodcaller
 from typing import Any, BinaryIO
 
 from sync.errors import ResponseError
@@ -35,12 +39,16 @@ _NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
 _decode = json.JSONDecoder().raw_decode
 # The text before the id's value, in an element that starts with its id (the API's order).
 _ID_FIRST = re.compile(r'[ \t\n\r]*"dataset_id"[ \t\n\r]*:[ \t\n\r]*"')
-# How far ahead to look for the end of an element before decoding it the usual way.
-_KNOWN_WINDOW = 1 << 14
+# How much of the buffer to cut into elements at a time for recognising them (and the
+# largest element that can be recognised).
+_KNOWN_WINDOW = 1 << 17
 # Misses in a row after which recognition stops for the stream (the listing is laid
 # out differently from the one stored, so every look would be wasted).
 _KNOWN_GIVE_UP = 256
 DIGEST_LENGTH = 32
+_encode = methodcaller("encode", "utf-8", "surrogatepass")
+_blake2b_16 = partial(hashlib.blake2b, digest_size=16)
+_hexdigest = methodcaller("hexdigest")
 
 
 def record_digest(inner: str) -> str:
@@ -66,6 +74,47 @@ class Known:
         return _decode("{" + self.text + "}")[0]
 
 
+class KnownRun:
+    """Consecutive elements recognised by their digests (see Known): their ids, in order."""
+
+    __slots__ = ("ids", "texts")
+
+    def __init__(self, ids: list[str], texts: list[str]) -> None:
+        self.ids = ids
+        self.texts = texts
+
+    def __iter__(self) -> Iterator[Known]:
+        return map(Known, self.ids, self.texts)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _Plan:
+    """One stretch of the buffer cut into candidate elements, each checked against its digest.
+
+    Element k's text (between its braces) is `parts[k]`, starting at `starts[k]` (its `{`);
+    `starts[size]` is where the element after the last piece starts.
+    """
+
+    __slots__ = ("buf", "ids", "matches", "parts", "size", "starts")
+
+    def __init__(
+        self, buf: str, parts: list[str], ids: list[str], matches: list[bool], starts: list[int]
+    ) -> None:
+        self.buf = buf
+        self.parts = parts
+        self.ids = ids
+        self.matches = matches
+        self.starts = starts
+        self.size = len(parts)
+
+    def index(self, pos: int) -> int:
+        """The piece whose element starts at `pos`, or -1 if none does."""
+        index = bisect_left(self.starts, pos)
+        return index if index < len(self.starts) and self.starts[index] == pos else -1
+
+
 class ListingStream:
     """Iterate the records of a listing body read from a binary file (at most once).
 
@@ -80,7 +129,8 @@ class ListingStream:
         self._misses = 0
         self._prefix = ""
         # The element handed out last: where its text is, or itself if it was Known.
-        self._last: tuple[str, int, int] | Known | None = None
+        self._last: tuple[str, int, int] | Known | KnownRun | None = None
+        self._plan: _Plan | None = None
         self._file = file
         self._chunk = chunk_size
         self._buf = ""
@@ -110,7 +160,7 @@ class ListingStream:
             raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
 
     def expect(self, expected: Mapping[str, object]) -> None:
-        """Hand out as Known each element whose text's record_digest is the expected one.
+        """Hand out as a KnownRun each run of elements whose texts' record_digests are the expected ones.
 
         `expected`: dataset_id -> a 64-char str, content hash then the record_digest of the
         stored record's text (other values never match). Call before iterating.
@@ -119,14 +169,17 @@ class ListingStream:
 
     def digest(self) -> str | None:
         """record_digest of the element handed out last (None if it was not an object)."""
-        if self._last is None:
-            return None
-        if isinstance(self._last, Known):
-            return record_digest(self._last.text)
-        buf, start, end = self._last
-        if buf[start : start + 1] != "{":
-            return None
-        return record_digest(buf[start + 1 : end - 1])
+        last = self._last
+        if type(last) is tuple:  # the usual case, first: once per new or changed record
+            buf, start, end = last
+            if buf[start : start + 1] != "{":
+                return None
+            return record_digest(buf[start + 1 : end - 1])
+        if isinstance(last, Known):
+            return record_digest(last.text)
+        if isinstance(last, KnownRun):
+            return record_digest(last.texts[-1])
+        return None
 
     # --- the grammar of the top level ---------------------------------------------------
 
@@ -243,48 +296,77 @@ class ListingStream:
         self._prefix = prefix.group()
         return buf[close - 1 : after + 1]
 
-    def _known_run(self, buf: str, pos: int, term: str) -> Iterator[Known]:
-        """The elements from `pos` on, as Known, while their text is a stored record's.
+    def _known_run(self, buf: str, pos: int, term: str) -> Iterator[KnownRun]:
+        """The elements from `pos` on, as KnownRuns, while their text is a stored record's.
 
         Leaves `_pos` at the first element that is not (or at the end of the buffer's
         complete ones); a miss counts towards giving up.
         """
-        get = self._expected.get  # type: ignore[union-attr]
-        prefix = self._prefix
-        start = len(prefix)
-        step = len(term) - 1
-        find = buf.find
-        blake2b = hashlib.blake2b
-        while buf.startswith("{", pos):
-            # The first `}, {` after pos ends this element if it is a stored record's text:
-            # a stored text is a whole object, and one whole object cannot be the beginning
-            # of another (if a string or nested object holds `}, {`, the digest misses).
-            cut = find(term, pos + 1, pos + _KNOWN_WINDOW)
-            if cut < 0:
+        while True:
+            plan = self._plan
+            if plan is None or plan.buf is not buf:
+                plan = self._plan = self._make_plan(buf, pos, term)
+            index = plan.index(pos)
+            if index < 0:
+                # The element decoded last did not end where the plan cut (a `}, {` inside
+                # one of its strings, or another layout): plan afresh from here.
+                plan = self._plan = self._make_plan(buf, pos, term)
+                index = 0
+            if plan.size == 0:
                 return  # no separator within reach: the end of the buffer, or a huge record
-            inner = buf[pos + 1 : cut]
-            if not inner.startswith(prefix):
-                break
-            # Only a guess at the id (it ends at the first quote, escaped or not): the
-            # digest decides, and an equal digest means equal text, hence this id.
-            dataset_id = inner[start : inner.find('"', start)]
-            old = get(dataset_id)
-            # record_digest, inline: this loop runs once per unchanged record.
-            if (
-                type(old) is not str
-                or len(old) != 2 * DIGEST_LENGTH
-                or not old.endswith(
-                    blake2b(inner.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+            try:
+                stop = plan.matches.index(False, index)
+            except ValueError:
+                stop = plan.size
+            if stop > index:
+                run = KnownRun(plan.ids[index:stop], plan.parts[index:stop])
+                self._last = run
+                self._pos = pos = plan.starts[stop]
+                self._misses = 0
+                self.seen += stop - index
+                yield run
+            if stop < plan.size:
+                self._misses += 1
+                return
+            # Every element of this plan is known: plan the next stretch of the buffer.
+            self._plan = None
+
+    def _make_plan(self, buf: str, pos: int, term: str) -> _Plan:
+        """Cut the buffer from `pos` at each `term` within reach and check every piece."""
+        # The first `}, {` after an element's start ends it if its text is a stored
+        # record's: a stored text is a whole object, and one whole object cannot be the
+        # beginning of another (if a string or nested object holds `}, {`, the digest
+        # misses). Every step below is one C loop over all the pieces: this runs for every
+        # unchanged record of a re-run.
+        cut = buf.rfind(term, pos + 1, pos + _KNOWN_WINDOW) if buf.startswith("{", pos) else -1
+        if cut < 0:
+            return _Plan(buf, [], [], [], [pos])
+        parts = buf[pos + 1 : cut].split(term)
+        start = len(self._prefix)
+        # Only a guess at each id (it ends at the first quote, escaped or not): the digest
+        # decides, and an equal digest means equal text, hence this id.
+        ends = map(methodcaller("find", '"', start), parts)
+        ids = list(map(getitem, parts, map(slice, repeat(start), ends)))
+        digests = map(_hexdigest, map(_blake2b_16, map(_encode, parts)))
+        # A stored value is the content hash then the record digest; ids not stored (or
+        # already met in this listing) get "" and miss.
+        olds = map(self._expected.get, ids, repeat(""))  # type: ignore[union-attr]
+        try:
+            matches = list(map(str.endswith, olds, digests))
+        except TypeError:
+            # A value that is not a plain hashed row (another account's, or deleted):
+            # those rows are never recognised, so cut the plan before the first of them.
+            matches = [
+                type(old) is str and len(old) == 2 * DIGEST_LENGTH and old.endswith(digest)
+                for old, digest in zip(
+                    map(self._expected.get, ids, repeat("")),  # type: ignore[union-attr]
+                    map(_hexdigest, map(_blake2b_16, map(_encode, parts))),
+                    strict=True,
                 )
-            ):
-                break
-            known = Known(dataset_id, inner)
-            self._last = known
-            self._pos = pos = cut + step
-            self._misses = 0
-            self.seen += 1
-            yield known
-        self._misses += 1
+            ]
+        # Each piece's element starts one separator after the previous piece ends.
+        starts = list(accumulate(map(add, map(len, parts), repeat(len(term))), initial=pos))
+        return _Plan(buf, parts, ids, matches, starts)
 
     def _closed_by(self, close: str) -> bool:
         """Consume the `,` or `close` after a member; True if it was `close`."""

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -31,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.dml import Insert, UpdateBase
 
 from sync.errors import MassDeleteRefused
-from sync.jsonstream import DIGEST_LENGTH, Known
+from sync.jsonstream import DIGEST_LENGTH, KnownRun, record_digest
 from sync.models import (
     CHANGE_DELETE,
     CHANGE_INSERT,
@@ -148,19 +149,31 @@ def _diff_all(
     stored, seen, pending, account = diff.stored, diff.seen, diff.pending, diff.account
     records.expect(stored)
     unchanged = 0
-    for index, record in enumerate(records):
-        # The common cases inline, for a record met for the first time (and, in a careful
-        # pass, its id's last occurrence): one the stream recognised as the stored record's
-        # very text, and one whose quick hash equals the stored content hash. Its id keyed
-        # a stored row, so it is usable. Everything else goes to `add`.
-        if type(record) is Known:
-            dataset_id = record.dataset_id
-            if dataset_id not in seen and (last is None or last.get(dataset_id) == index):
-                seen[dataset_id] = stored.pop(dataset_id)
-                unchanged += 1
+    index = -1
+    for record in records:
+        index += 1
+        if type(record) is KnownRun:
+            # Stored records, recognised by their very text, one after the other: the
+            # whole run at once when none of its ids came before (the usual case).
+            ids = record.ids
+            if last is None and seen.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
+                seen.update(zip(ids, map(stored.pop, ids), strict=True))
+                unchanged += len(ids)
+                index += len(ids) - 1
                 continue
-            record = record.decode()
-        elif type(record) is dict:
+            for known in record:
+                dataset_id = known.dataset_id
+                if dataset_id not in seen and (last is None or last.get(dataset_id) == index):
+                    seen[dataset_id] = stored.pop(dataset_id)
+                    unchanged += 1
+                else:
+                    diff.add(
+                        index, known.decode(), records.risky, partial(record_digest, known.text)
+                    )
+                index += 1
+            index -= 1
+            continue
+        if type(record) is dict:
             dataset_id = record.get("dataset_id")
             if (
                 type(dataset_id) is str
@@ -578,9 +591,31 @@ class _Writer:
             replaced = [
                 row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
             ]
+            # _content, inline and unpacked: this runs for every row of a first sync.
             staged = [
-                (*_content(row, owner, ts), row.content_hash, digest, change)
-                for row, owner, change, digest in batch
+                (
+                    dataset_id,
+                    owner,
+                    name,
+                    user_id,
+                    ts(created),
+                    cover_type,
+                    cover_id,
+                    None if extra is None else json.dumps(extra),
+                    content_hash,
+                    digest,
+                    change,
+                )
+                for (
+                    dataset_id,
+                    name,
+                    user_id,
+                    created,
+                    cover_type,
+                    cover_id,
+                    extra,
+                    content_hash,
+                ), owner, change, digest in batch
             ]
             self.staged.write(staged, replaced, background)
             return

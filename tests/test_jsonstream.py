@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from sync import jsonstream
 from sync.errors import ResponseError
-from sync.jsonstream import CHUNK_SIZE, Known, ListingStream
+from sync.jsonstream import CHUNK_SIZE, Known, KnownRun, ListingStream, record_digest
 
 # None: the default chunk size (1 MiB), so the whole of a small body is one chunk.
 CHUNK_SIZES: list[int | None] = [1, 2, 3, 7, 64, None]
@@ -664,7 +664,20 @@ def test_bom_is_skipped_like_json_loads() -> None:
         assert list(stream(body, chunk_size)) == ["a"]
 
 
-# -- recognising stored records by their text (expect / Known) --------------------------
+# -- recognising stored records by their text (expect / KnownRun) -----------------------
+
+
+def elements(listing: ListingStream) -> Iterator[tuple[Any, str | None]]:
+    """Each element of the listing (a Known for each one of a KnownRun), with its digest."""
+    for element in listing:
+        if isinstance(element, KnownRun):
+            assert len(element) > 0
+            assert listing.digest() == record_digest(element.texts[-1])
+            for known in element:
+                yield known, record_digest(known.text)
+        else:
+            yield element, listing.digest()
+
 
 # Text that looks like the end of one element and the start of the next, or like a key.
 _TRICKY = st.lists(
@@ -722,8 +735,8 @@ def test_recognised_records_are_exactly_the_stored_texts(
     for chunk_size in CHUNK_SIZES:
         second = stream(body, chunk_size)
         second.expect(expected_map)
-        for index, element in enumerate(second):
-            assert second.digest() == digests[index]
+        for index, (element, digest) in enumerate(elements(second)):
+            assert digest == digests[index]
             if isinstance(element, Known):
                 assert element.dataset_id == records[index]["dataset_id"]
                 assert expected_map[element.dataset_id] == "0" * 32 + digests[index]
@@ -738,7 +751,7 @@ def test_recognition_gives_up_on_a_listing_laid_out_otherwise() -> None:
     body = json.dumps({"datasets": records}).encode()
     listing = stream(body, None)
     listing.expect({f"id-{i}": "0" * 64 for i in range(2000)})
-    assert [r["dataset_id"] for r in listing] == [r["dataset_id"] for r in records]
+    assert [r["dataset_id"] for r, _ in elements(listing)] == [r["dataset_id"] for r in records]
     assert listing._misses == jsonstream._KNOWN_GIVE_UP
 
 
@@ -761,9 +774,9 @@ def test_a_usual_listing_is_recognised_but_for_its_first_and_last_record(
     stored = {r["dataset_id"]: "0" * 32 + str(first.digest()) for r in first}
     second = stream(body, None)
     second.expect(stored)
-    elements = list(second)
-    known = [i for i, e in enumerate(elements) if isinstance(e, Known)]
+    found = [element for element, _ in elements(second)]
+    known = [i for i, e in enumerate(found) if isinstance(e, Known)]
     assert known == list(range(1, 49))
-    assert [canonical(e.decode() if isinstance(e, Known) else e) for e in elements] == [
+    assert [canonical(e.decode() if isinstance(e, Known) else e) for e in found] == [
         canonical(r) for r in records
     ]

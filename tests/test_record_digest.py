@@ -128,3 +128,34 @@ def test_a_repeated_record_recognised_by_its_text_counts_once(db: Db) -> None:
     again = [*base, base[10], {**base[20], "name": "later"}]
     for records in (again, [*base, base[10]]):
         checked_sync(db, json.dumps({"datasets": records}).encode())
+
+
+def test_repeats_inside_a_run_of_recognised_records(db: Db) -> None:
+    """Recognised records come in runs: a repeat within one, or of a record from an earlier one."""
+    base = synthetic(60)
+    sync(db, json.dumps({"datasets": base}).encode())
+    for records in (
+        [*base[:30], base[10], *base[30:]],
+        [*base[:5], base[5], *base[5:]],
+        [*base, *base[:20]],
+    ):
+        checked_sync(db, json.dumps({"datasets": records}).encode())
+
+
+def test_careful_pass_over_recognised_records(db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat of a record already written forces the careful pass, which meets runs too."""
+    base = synthetic(COUNT)
+    sync(db, json.dumps({"datasets": base}).encode())
+    passes: list[bool] = []
+    real = store.apply
+
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        passes.append(args[7] is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "apply", apply)
+    changed = renamed_every(2, base)
+    # 600 changed rows: the first 500 are written before the repeat of the first one.
+    _, _, counts = checked_sync(db, json.dumps({"datasets": [*changed, changed[0]]}).encode())
+    assert counts["unchanged"] == COUNT // 2
+    assert passes == [False, True]
