@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def entry() -> int:
     """The `ideogram-sync` command and `python -m sync`: main() in a process that then exits."""
+    # A sync allocates a few tuples per record that live until their batch is written:
+    # at the default threshold (700) the collector walks them again and again, for
+    # nothing (they hold no cycles). Cyclic garbage waits a little longer instead.
+    gc.set_threshold(20_000, 20, 10)
     code = main(own_process=True)
     # The interpreter's last act would be one garbage collection over every object of
     # every imported library (about 50 ms of a run): the process is ending, and the

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import json.scanner
 import re
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
@@ -39,12 +40,16 @@ _NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
 _decode = json.JSONDecoder().raw_decode
 # The text before the id's value, in an element that starts with its id (the API's order).
 _ID_FIRST = re.compile(r'[ \t\n\r]*"dataset_id"[ \t\n\r]*:[ \t\n\r]*"')
-# How much of the buffer to cut into elements at a time for recognising them (and the
-# largest element that can be recognised).
+# How much of the buffer to cut into elements at a time (and the largest element that
+# can be recognised by its text): from _MIN_WINDOW after a cut that was wrong, doubling
+# after each plan that held, up to _KNOWN_WINDOW.
 _KNOWN_WINDOW = 1 << 17
-# Misses in a row after which recognition stops for the stream (the listing is laid
-# out differently from the one stored, so every look would be wasted).
-_KNOWN_GIVE_UP = 256
+_MIN_WINDOW = 1 << 12
+# Wrong cuts in a row after which the stream stops planning (its elements hold the
+# separator, or are laid out otherwise, so every plan would be wasted).
+_PLAN_GIVE_UP = 256
+# The C scanner behind JSONDecoder.raw_decode, without its Python wrapper.
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())
 DIGEST_LENGTH = 32
 _encode = methodcaller("encode", "utf-8", "surrogatepass")
 _blake2b_16 = partial(hashlib.blake2b, digest_size=16)
@@ -91,21 +96,29 @@ class KnownRun:
 
 
 class _Plan:
-    """One stretch of the buffer cut into candidate elements, each checked against its digest.
+    """One stretch of the buffer cut into candidate elements, each digested and looked up.
 
-    Element k's text (between its braces) is `parts[k]`, starting at `starts[k]` (its `{`);
+    Element k's text (between its braces) is `parts[k]`, starting at `starts[k]` (its `{`),
+    with record digest `digests[k]`; `matches[k]`: it is the stored text of id `ids[k]`.
     `starts[size]` is where the element after the last piece starts.
     """
 
-    __slots__ = ("buf", "ids", "matches", "parts", "size", "starts")
+    __slots__ = ("buf", "digests", "ids", "matches", "parts", "size", "starts")
 
     def __init__(
-        self, buf: str, parts: list[str], ids: list[str], matches: list[bool], starts: list[int]
+        self,
+        buf: str,
+        parts: list[str],
+        ids: list[str],
+        matches: list[bool],
+        digests: list[str],
+        starts: list[int],
     ) -> None:
         self.buf = buf
         self.parts = parts
         self.ids = ids
         self.matches = matches
+        self.digests = digests
         self.starts = starts
         self.size = len(parts)
 
@@ -128,9 +141,11 @@ class ListingStream:
         self._expected: Mapping[str, object] | None = None
         self._misses = 0
         self._prefix = ""
-        # The element handed out last: where its text is, or itself if it was Known.
-        self._last: tuple[str, int, int] | Known | KnownRun | None = None
+        # The element handed out last: where its text is, its digest (from a plan), or
+        # itself if it was known.
+        self._last: tuple[str, int, int] | str | Known | KnownRun | None = None
         self._plan: _Plan | None = None
+        self._window = _KNOWN_WINDOW
         self._file = file
         self._chunk = chunk_size
         self._buf = ""
@@ -175,6 +190,8 @@ class ListingStream:
             if buf[start : start + 1] != "{":
                 return None
             return record_digest(buf[start + 1 : end - 1])
+        if type(last) is str:
+            return last
         if isinstance(last, Known):
             return record_digest(last.text)
         if isinstance(last, KnownRun):
@@ -250,10 +267,10 @@ class ListingStream:
             buf, pos = self._buf, self._pos
             if buf[pos : pos + 1] in _WS_CHARS:
                 pos = _WS.match(buf, pos).end()  # type: ignore[union-attr]
-            if term and self._misses < _KNOWN_GIVE_UP:
-                # Stored records one after the other: recognised here, without a call each.
+            if term and self._misses < _PLAN_GIVE_UP:
+                # Records one after the other, cut apart, recognised and decoded in bulk.
                 self._pos = pos
-                yield from self._known_run(buf, pos, term)
+                yield from self._planned(buf, pos, term)
                 buf, pos = self._buf, self._pos
             try:
                 record, end = decode(buf, pos)
@@ -296,77 +313,99 @@ class ListingStream:
         self._prefix = prefix.group()
         return buf[close - 1 : after + 1]
 
-    def _known_run(self, buf: str, pos: int, term: str) -> Iterator[KnownRun]:
-        """The elements from `pos` on, as KnownRuns, while their text is a stored record's.
+    def _planned(self, buf: str, pos: int, term: str) -> Iterator[Any]:
+        """The elements from `pos` on, cut at each `term` ahead: KnownRuns and decoded records.
 
-        Leaves `_pos` at the first element that is not (or at the end of the buffer's
-        complete ones); a miss counts towards giving up.
+        A run of elements whose texts are stored records' comes as one KnownRun; any other
+        element is decoded where its cut says it starts, and handed out only if it ends
+        exactly at its cut. Leaves `_pos` at the first element that does not (it is left to
+        the usual path), or after the buffer's last cut.
         """
+        scan = _scan_once
         while True:
             plan = self._plan
-            if plan is None or plan.buf is not buf:
-                plan = self._plan = self._make_plan(buf, pos, term)
-            index = plan.index(pos)
+            index = plan.index(pos) if plan is not None and plan.buf is buf else -1
             if index < 0:
-                # The element decoded last did not end where the plan cut (a `}, {` inside
-                # one of its strings, or another layout): plan afresh from here.
                 plan = self._plan = self._make_plan(buf, pos, term)
                 index = 0
-            if plan.size == 0:
+            size = plan.size
+            if size == 0:
                 return  # no separator within reach: the end of the buffer, or a huge record
-            try:
-                stop = plan.matches.index(False, index)
-            except ValueError:
-                stop = plan.size
-            if stop > index:
-                run = KnownRun(plan.ids[index:stop], plan.parts[index:stop])
-                self._last = run
-                self._pos = pos = plan.starts[stop]
+            matches, starts, parts, digests = plan.matches, plan.starts, plan.parts, plan.digests
+            while index < size:
+                if matches[index]:
+                    try:
+                        stop = matches.index(False, index)
+                    except ValueError:
+                        stop = size
+                    run = KnownRun(plan.ids[index:stop], parts[index:stop])
+                    self._last = run
+                    self.seen += stop - index
+                    self._pos = pos = starts[stop]
+                    index = stop
+                    yield run
+                    continue
+                start = starts[index]
+                try:
+                    record, end = scan(buf, start)
+                except (json.JSONDecodeError, StopIteration):
+                    end = -1
+                if end != start + len(parts[index]) + 2:
+                    # The cut is not this element's end (a `}, {` inside one of its strings
+                    # or nested values, or another layout): the usual path decodes it, and
+                    # the next plan starts small, so a listing like that costs little.
+                    self._pos = start
+                    self._plan = None
+                    self._window = _MIN_WINDOW
+                    self._misses += 1
+                    return
+                self._last = digests[index]
                 self._misses = 0
-                self.seen += stop - index
-                yield run
-            if stop < plan.size:
-                self._misses += 1
-                return
-            # Every element of this plan is known: plan the next stretch of the buffer.
+                self.seen += 1
+                self._pos = pos = starts[index + 1]
+                index += 1
+                yield record
+            # Every element of this plan handed out: plan the next stretch, a larger one.
             self._plan = None
+            self._window = min(2 * self._window, _KNOWN_WINDOW)
 
     def _make_plan(self, buf: str, pos: int, term: str) -> _Plan:
-        """Cut the buffer from `pos` at each `term` within reach and check every piece."""
+        """Cut the buffer from `pos` at each `term` within reach; digest and look up each piece."""
         # The first `}, {` after an element's start ends it if its text is a stored
         # record's: a stored text is a whole object, and one whole object cannot be the
         # beginning of another (if a string or nested object holds `}, {`, the digest
-        # misses). Every step below is one C loop over all the pieces: this runs for every
-        # unchanged record of a re-run.
-        cut = buf.rfind(term, pos + 1, pos + _KNOWN_WINDOW) if buf.startswith("{", pos) else -1
+        # misses). The same holds for a piece that decodes as a whole object. Every step
+        # below is one C loop over all the pieces: this runs for every record.
+        window = self._window
+        cut = buf.rfind(term, pos + 1, pos + window) if buf.startswith("{", pos) else -1
         if cut < 0:
-            return _Plan(buf, [], [], [], [pos])
+            return _Plan(buf, [], [], [], [], [pos])
         parts = buf[pos + 1 : cut].split(term)
-        start = len(self._prefix)
-        # Only a guess at each id (it ends at the first quote, escaped or not): the digest
-        # decides, and an equal digest means equal text, hence this id.
-        ends = map(methodcaller("find", '"', start), parts)
-        ids = list(map(getitem, parts, map(slice, repeat(start), ends)))
-        digests = map(_hexdigest, map(_blake2b_16, map(_encode, parts)))
-        # A stored value is the content hash then the record digest; ids not stored (or
-        # already met in this listing) get "" and miss.
-        olds = map(self._expected.get, ids, repeat(""))  # type: ignore[union-attr]
-        try:
-            matches = list(map(str.endswith, olds, digests))
-        except TypeError:
-            # A value that is not a plain hashed row (another account's, or deleted):
-            # those rows are never recognised, so cut the plan before the first of them.
-            matches = [
-                type(old) is str and len(old) == 2 * DIGEST_LENGTH and old.endswith(digest)
-                for old, digest in zip(
-                    map(self._expected.get, ids, repeat("")),  # type: ignore[union-attr]
-                    map(_hexdigest, map(_blake2b_16, map(_encode, parts))),
-                    strict=True,
-                )
-            ]
+        digests = list(map(_hexdigest, map(_blake2b_16, map(_encode, parts))))
+        expected = self._expected
+        if expected:
+            start = len(self._prefix)
+            # Only a guess at each id (it ends at the first quote, escaped or not): the
+            # digest decides, and an equal digest means equal text, hence this id.
+            ends = map(methodcaller("find", '"', start), parts)
+            ids = list(map(getitem, parts, map(slice, repeat(start), ends)))
+            # A stored value is the content hash then the record digest; ids not stored
+            # get "" and miss.
+            olds = map(expected.get, ids, repeat(""))
+            try:
+                matches = list(map(str.endswith, olds, digests))
+            except TypeError:
+                # A value that is not a plain hashed row (another account's, or deleted):
+                # such rows are never recognised.
+                matches = [
+                    type(old) is str and len(old) == 2 * DIGEST_LENGTH and old.endswith(digest)
+                    for old, digest in zip(map(expected.get, ids, repeat("")), digests, strict=True)
+                ]
+        else:
+            ids, matches = [], [False] * len(parts)
         # Each piece's element starts one separator after the previous piece ends.
         starts = list(accumulate(map(add, map(len, parts), repeat(len(term))), initial=pos))
-        return _Plan(buf, parts, ids, matches, starts)
+        return _Plan(buf, parts, ids, matches, digests, starts)
 
     def _closed_by(self, close: str) -> bool:
         """Consume the `,` or `close` after a member; True if it was `close`."""

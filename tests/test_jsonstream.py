@@ -745,14 +745,35 @@ def test_recognised_records_are_exactly_the_stored_texts(
         assert second.seen == len(records)
 
 
-def test_recognition_gives_up_on_a_listing_laid_out_otherwise() -> None:
-    """A table of digests that never match costs a bounded number of looks, then none."""
-    records = [{"dataset_id": f"id-{i}", "name": "n"} for i in range(2000)]
+def test_planning_gives_up_on_a_listing_whose_records_hold_the_separator() -> None:
+    """Cuts that are never an element's end cost a bounded number of small plans, then none."""
+    records = [{"dataset_id": f"id-{i}", "name": "a}, {b"} for i in range(2000)]
     body = json.dumps({"datasets": records}).encode()
     listing = stream(body, None)
     listing.expect({f"id-{i}": "0" * 64 for i in range(2000)})
-    assert [r["dataset_id"] for r, _ in elements(listing)] == [r["dataset_id"] for r in records]
-    assert listing._misses == jsonstream._KNOWN_GIVE_UP
+    assert [r for r, _ in elements(listing)] == records
+    assert listing._misses == jsonstream._PLAN_GIVE_UP
+    assert listing._window == jsonstream._MIN_WINDOW
+
+
+def test_a_first_sync_is_decoded_in_plans_with_the_digests() -> None:
+    """With nothing stored, records still come through the plans, each with its digest."""
+    records = [{"dataset_id": f"id-{i}", "name": f"n{i}"} for i in range(3000)]
+    body = json.dumps({"datasets": records}).encode()
+    digests = [record_digest(json.dumps(r)[1:-1]) for r in records]
+    for chunk_size in (1 << 12, None):
+        listing = stream(body, chunk_size)
+        listing.expect({})
+        plans: list[int] = []
+        make_plan = listing._make_plan
+        listing._make_plan = lambda *args, plans=plans, make_plan=make_plan: (  # type: ignore[method-assign]
+            plans.append(1) or make_plan(*args)
+        )
+        assert list(elements(listing)) == list(zip(records, digests, strict=True))
+        # A plan per stretch of records (and per buffer refill), not one per record.
+        assert 0 < len(plans) < len(records) / 20
+        assert listing._misses == 0
+        assert listing._window == jsonstream._KNOWN_WINDOW
 
 
 @pytest.mark.parametrize("layout", _LAYOUTS, ids=["default", "compact", "indent", "tabs"])
