@@ -801,3 +801,21 @@ def test_a_usual_listing_is_recognised_but_for_its_first_and_last_record(
     assert [canonical(e.decode() if isinstance(e, Known) else e) for e in found] == [
         canonical(r) for r in records
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['}, {"x": ' + "[" * 5000, '}, {"x": ' + "1" * 5000, '}, {"x": "', "}, {", '}, {"a": 1}, {'],
+    ids=["deep-nesting", "huge-integer", "open-string", "separator", "whole-objects"],
+)
+def test_a_cut_inside_a_string_never_fails_a_valid_listing(name: str) -> None:
+    """A wrong cut starts decoding inside a string, where what stands may be anything: the
+    stream still gives exactly what json.loads gives, with each record's digest."""
+    records = [{"dataset_id": f"id-{i}", "name": name if i % 3 == 1 else "n"} for i in range(40)]
+    body = json.dumps({"datasets": records}).encode()
+    for chunk_size in CHUNK_SIZES:
+        listing = stream(body, chunk_size)
+        listing.expect({})
+        found = list(elements(listing))
+        assert [r for r, _ in found] == records
+        assert [d for _, d in found] == [record_digest(json.dumps(r)[1:-1]) for r in records]
