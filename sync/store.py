@@ -24,6 +24,7 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     table,
     true,
@@ -468,21 +469,21 @@ def _fetch(conn: Connection, query: Select[Any]) -> Iterator[list[Any]]:
         cursor.close()
 
 
-def upsert_statement(dialect_name: str) -> Insert:
-    """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE for `datasets` in the given dialect."""
+def upsert_statement(dialect_name: str, columns: Sequence[str] = _UPDATE_COLUMNS) -> Insert:
+    """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE of `columns` of `datasets` in the dialect."""
     # Dialect packages are imported only for the one in use (each costs start-up time).
     if dialect_name in ("mysql", "mariadb"):
         from sqlalchemy.dialects import mysql
 
         stmt = mysql.insert(datasets)
-        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in _UPDATE_COLUMNS})
+        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in columns})
     if dialect_name == "postgresql":
         from sqlalchemy.dialects import postgresql
 
         pg = postgresql.insert(datasets)
         return pg.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
-            set_={c: pg.excluded[c] for c in _UPDATE_COLUMNS},
+            set_={c: pg.excluded[c] for c in columns},
         )
     if dialect_name == "sqlite":
         from sqlalchemy.dialects import sqlite
@@ -490,7 +491,7 @@ def upsert_statement(dialect_name: str) -> Insert:
         lite = sqlite.insert(datasets)
         return lite.on_conflict_do_update(
             index_elements=[datasets.c.dataset_id],
-            set_={c: lite.excluded[c] for c in _UPDATE_COLUMNS},
+            set_={c: lite.excluded[c] for c in columns},
         )
     raise NotImplementedError(f"no upsert for the {dialect_name} dialect")
 
@@ -722,6 +723,29 @@ class _Staged:
         self.upsert = upsert_statement(conn.dialect.name).from_select(
             _DATASET_KEYS, rows.where(true())
         )
+        self.light: Insert | None = None
+        if not self.postgres:
+            # SQLite rewrites the entry of every index on a column that an UPDATE sets,
+            # changed or not (about three times the cost of the row's own update).
+            # PostgreSQL compares the values itself (a HOT update touches no index).
+            # Where no row of the batch changes an indexed column, the upsert sets the
+            # others only; `moved` finds a row that does.
+            indexed = {column.name for index in datasets.indexes for column in index.columns}
+            light = [name for name in _UPDATE_COLUMNS if name not in indexed]
+            self.light = upsert_statement("sqlite", light).from_select(
+                _DATASET_KEYS, rows.where(true())
+            )
+            joined = stage.join(datasets, datasets.c.dataset_id == stage.c.dataset_id)
+            changes = [
+                datasets.c[name].is_distinct_from(stage.c[name])
+                for name in sorted(indexed - {"deleted_at"})
+            ]
+            self.moved = (
+                select(literal(1))
+                .select_from(joined)
+                .where(or_(datasets.c.deleted_at.is_not(None), *changes))
+                .limit(1)
+            )
         # A batch of new rows only (every batch of a first sync): the diff found their ids
         # absent under the write lock, so a plain insert cannot conflict, and it skips the
         # upsert's speculative insertion.
@@ -753,7 +777,12 @@ class _Staged:
             self._merge(replaced)
 
     def _merge(self, replaced: Sequence[str]) -> None:
-        self.conn.execute(self.upsert if replaced else self.insert)
+        if not replaced:
+            self.conn.execute(self.insert)
+        elif self.light is not None and self.conn.execute(self.moved).first() is None:
+            self.conn.execute(self.light)
+        else:
+            self.conn.execute(self.upsert)
         # Close the versions the new ones replace before adding those.
         _close_versions(self.conn, replaced, self.now)
         self.conn.execute(self.versions)

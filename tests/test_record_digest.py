@@ -159,3 +159,22 @@ def test_careful_pass_over_recognised_records(db: Db, monkeypatch: pytest.Monkey
     _, _, counts = checked_sync(db, json.dumps({"datasets": [*changed, changed[0]]}).encode())
     assert counts["unchanged"] == COUNT // 2
     assert passes == [False, True]
+
+
+def test_an_update_that_moves_an_indexed_column_is_written_in_full(db: Db) -> None:
+    """SQLite skips setting the indexed columns when no row of a batch changes one of them:
+    a new user, creation time or account, or a restore, must still land."""
+    base = synthetic(30)
+    sync(db, json.dumps({"datasets": base}).encode())
+    renamed = {**base[3], "name": "renamed"}
+    for records in (
+        [*base[:3], renamed, *base[4:]],
+        [*base[:3], {**renamed, "user_id": "someone-else"}, *base[4:]],
+        [*base[:3], {**renamed, "creation_time": "2020-02-02T02:02:02+00:00"}, *base[4:]],
+    ):
+        checked_sync(db, json.dumps({"datasets": records}).encode())
+    sync(db, json.dumps({"datasets": base[:29]}).encode())  # soft-deletes the last one
+    _, after, _ = checked_sync(
+        db, json.dumps({"datasets": [*base[:29], {**base[29], "name": "back"}]}).encode()
+    )
+    assert after.datasets[base[29]["dataset_id"]]["deleted_at"] is None
