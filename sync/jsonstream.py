@@ -21,7 +21,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from functools import partial
 from itertools import accumulate, repeat
-from operator import add, getitem, methodcaller
+from operator import add, eq, getitem, itemgetter, methodcaller
 from typing import Any, BinaryIO
 
 from sync.errors import ResponseError
@@ -42,11 +42,11 @@ _decode = json.JSONDecoder().raw_decode
 _ID_FIRST = re.compile(r'[ \t\n\r]*"dataset_id"[ \t\n\r]*:[ \t\n\r]*"')
 # How much of the buffer to cut into elements at a time (and the largest element that
 # can be recognised by its text): from _MIN_WINDOW after a cut that was wrong, doubling
-# after each plan that held, up to _KNOWN_WINDOW.
+# after each plan that held or found no separator, up to _KNOWN_WINDOW.
 _KNOWN_WINDOW = 1 << 17
-_MIN_WINDOW = 1 << 12
-# Wrong cuts in a row after which the stream stops planning (its elements hold the
-# separator, or are laid out otherwise, so every plan would be wasted).
+_MIN_WINDOW = 1 << 10
+# Wrong cuts in a row (no element handed out by a plan in between) after which the stream
+# stops planning: its elements hold the separator, or are laid out otherwise.
 _PLAN_GIVE_UP = 256
 # The C scanner behind JSONDecoder.raw_decode, without its Python wrapper.
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())
@@ -54,6 +54,7 @@ DIGEST_LENGTH = 32
 _encode = methodcaller("encode", "utf-8", "surrogatepass")
 _blake2b_16 = partial(hashlib.blake2b, digest_size=16)
 _hexdigest = methodcaller("hexdigest")
+_STORED_DIGEST = itemgetter(slice(DIGEST_LENGTH, None))
 
 
 def record_digest(inner: str) -> str:
@@ -330,7 +331,11 @@ class ListingStream:
                 index = 0
             size = plan.size
             if size == 0:
-                return  # no separator within reach: the end of the buffer, or a huge record
+                # No separator within reach: the end of the buffer, or a record larger than
+                # the window, which the next plan may then reach.
+                self._plan = None
+                self._window = min(2 * self._window, _KNOWN_WINDOW)
+                return
             matches, starts, parts, digests = plan.matches, plan.starts, plan.parts, plan.digests
             while index < size:
                 if matches[index]:
@@ -341,6 +346,7 @@ class ListingStream:
                     run = KnownRun(plan.ids[index:stop], parts[index:stop])
                     self._last = run
                     self.seen += stop - index
+                    self._misses = 0
                     self._pos = pos = starts[stop]
                     index = stop
                     yield run
@@ -352,10 +358,11 @@ class ListingStream:
                     end = -1
                 if end != start + len(parts[index]) + 2:
                     # The cut is not this element's end (a `}, {` inside one of its strings
-                    # or nested values, or another layout): the usual path decodes it, and
-                    # the next plan starts small, so a listing like that costs little.
+                    # or nested values, or another layout): the usual path decodes it. The
+                    # plan goes on from the element after it if that starts at a cut (the
+                    # usual case); otherwise the next plan is small, so a listing laid out
+                    # otherwise costs little.
                     self._pos = start
-                    self._plan = None
                     self._window = _MIN_WINDOW
                     self._misses += 1
                     return
@@ -390,10 +397,10 @@ class ListingStream:
             ends = map(methodcaller("find", '"', start), parts)
             ids = list(map(getitem, parts, map(slice, repeat(start), ends)))
             # A stored value is the content hash then the record digest; ids not stored
-            # get "" and miss.
+            # get "" and miss, as does a value without a digest.
             olds = map(expected.get, ids, repeat(""))
             try:
-                matches = list(map(str.endswith, olds, digests))
+                matches = list(map(eq, map(_STORED_DIGEST, olds), digests))
             except TypeError:
                 # A value that is not a plain hashed row (another account's, or deleted):
                 # such rows are never recognised.

@@ -819,3 +819,38 @@ def test_a_cut_inside_a_string_never_fails_a_valid_listing(name: str) -> None:
         found = list(elements(listing))
         assert [r for r, _ in found] == records
         assert [d for _, d in found] == [record_digest(json.dumps(r)[1:-1]) for r in records]
+
+
+def stored_digests(body: bytes) -> dict[str, str]:
+    """What a table would hold after syncing `body`: each id with its text's digest."""
+    first = stream(body, None)
+    return {r["dataset_id"]: "0" * 32 + str(first.digest()) for r in first}
+
+
+def recognised(body: bytes, stored: dict[str, str]) -> int:
+    """How many elements of `body` the stream recognises by their text."""
+    listing = stream(body, None)
+    listing.expect(stored)
+    return sum(len(e) for e in listing if isinstance(e, KnownRun))
+
+
+def test_records_holding_the_separator_now_and_then_do_not_stop_recognition() -> None:
+    """One record in four holds `}, {` in its name: every other one is still recognised."""
+    records = [
+        {"dataset_id": f"id-{i}", "name": "a}, {b" if i % 4 == 0 else f"n{i}"} for i in range(4000)
+    ]
+    body = json.dumps({"datasets": records}).encode()
+    # All but the separator-holding ones, the first (read to learn the separator) and
+    # the last (not followed by one).
+    assert recognised(body, stored_digests(body)) >= 3000 - 2
+
+
+def test_large_records_are_recognised_again_after_a_wrong_cut() -> None:
+    """After a wrong cut the next plan is small; records larger than it must not stop it."""
+    records = [
+        {"dataset_id": f"id-{i}", "name": ("a}, {b" if i == 5 else "n") + "x" * 6000}
+        for i in range(200)
+    ]
+    body = json.dumps({"datasets": records}).encode()
+    # A few go the usual way while the window grows back (and at each buffer refill).
+    assert recognised(body, stored_digests(body)) >= 200 - 10
