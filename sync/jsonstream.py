@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from functools import partial
 from itertools import accumulate, repeat
 from operator import add, eq, getitem, itemgetter, methodcaller
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from sync.errors import ResponseError
 
@@ -59,7 +59,8 @@ _STORED_DIGEST = itemgetter(slice(DIGEST_LENGTH, None))
 
 def record_digest(inner: str) -> str:
     """The digest of an object element's text between its outer braces (hex, 32 chars)."""
-    return hashlib.blake2b(inner.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    # The same three steps that _make_plan maps over a stretch's pieces.
+    return _hexdigest(_blake2b_16(_encode(inner)))
 
 
 class Known:
@@ -96,34 +97,22 @@ class KnownRun:
         return len(self.ids)
 
 
-class _Plan:
+class _Plan(NamedTuple):
     """One stretch of the buffer cut into candidate elements, each digested and looked up.
 
     Element k's text (between its braces) is `parts[k]`, starting at `starts[k]` (its `{`),
     with record digest `digests[k]`; `matches[k]`: it is the stored text of id `ids[k]`.
-    `starts[size]` is where the element after the last piece starts.
+    `starts[len(parts)]` is where the element after the last piece starts.
     """
 
-    __slots__ = ("buf", "digests", "ids", "matches", "parts", "size", "starts")
+    buf: str
+    parts: list[str]
+    ids: list[str]
+    matches: list[bool]
+    digests: list[str]
+    starts: list[int]
 
-    def __init__(
-        self,
-        buf: str,
-        parts: list[str],
-        ids: list[str],
-        matches: list[bool],
-        digests: list[str],
-        starts: list[int],
-    ) -> None:
-        self.buf = buf
-        self.parts = parts
-        self.ids = ids
-        self.matches = matches
-        self.digests = digests
-        self.starts = starts
-        self.size = len(parts)
-
-    def index(self, pos: int) -> int:
+    def piece_at(self, pos: int) -> int:
         """The piece whose element starts at `pos`, or -1 if none does."""
         index = bisect_left(self.starts, pos)
         return index if index < len(self.starts) and self.starts[index] == pos else -1
@@ -325,16 +314,15 @@ class ListingStream:
         scan = _scan_once
         while True:
             plan = self._plan
-            index = plan.index(pos) if plan is not None and plan.buf is buf else -1
+            index = plan.piece_at(pos) if plan is not None and plan.buf is buf else -1
             if index < 0:
                 plan = self._plan = self._make_plan(buf, pos, term)
                 index = 0
-            size = plan.size
+            size = len(plan.parts)
             if size == 0:
                 # No separator within reach: the end of the buffer, or a record larger than
                 # the window, which the next plan may then reach.
-                self._plan = None
-                self._window = min(2 * self._window, _KNOWN_WINDOW)
+                self._next_stretch()
                 return
             matches, starts, parts, digests = plan.matches, plan.starts, plan.parts, plan.digests
             while index < size:
@@ -372,9 +360,13 @@ class ListingStream:
                 self._pos = pos = starts[index + 1]
                 index += 1
                 yield record
-            # Every element of this plan handed out: plan the next stretch, a larger one.
-            self._plan = None
-            self._window = min(2 * self._window, _KNOWN_WINDOW)
+            # Every element of this plan handed out.
+            self._next_stretch()
+
+    def _next_stretch(self) -> None:
+        """Let the next plan be made afresh, over a larger window than this one."""
+        self._plan = None
+        self._window = min(2 * self._window, _KNOWN_WINDOW)
 
     def _make_plan(self, buf: str, pos: int, term: str) -> _Plan:
         """Cut the buffer from `pos` at each `term` within reach; digest and look up each piece."""
