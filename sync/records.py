@@ -123,13 +123,9 @@ class InvalidRecord(ValueError):
 
 def parse_timestamp(value: str) -> datetime:
     """Parse an ISO 8601 date-time (`T` or space, optional fraction, `Z`/offset) to aware UTC."""
-    if _CANONICAL_TIMESTAMP.fullmatch(value):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            pass  # e.g. month 13: the general path words the error
-        else:
-            return parsed if parsed.tzinfo is UTC else _to_utc(parsed, value)
+    parsed = _canonical_time(value)
+    if parsed is not None:
+        return parsed
     match = _TIMESTAMP.fullmatch(value.strip())
     if not match:
         raise ValueError(f"not an ISO 8601 date-time: {_short(value)}")
@@ -152,6 +148,18 @@ def parse_timestamp(value: str) -> datetime:
         # The API documents UTC; a time without an offset is read as UTC.
         return parsed.replace(tzinfo=UTC)
     return _to_utc(parsed, value)
+
+
+def _canonical_time(value: str) -> datetime | None:
+    """parse_timestamp of a time in the API's canonical spelling; None for any other spelling,
+    or an invalid time (e.g. month 13: the general path words the error)."""
+    if _CANONICAL_TIMESTAMP.fullmatch(value) is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is UTC else _to_utc(parsed, value)
 
 
 def _to_utc(parsed: datetime, value: str) -> datetime:
@@ -293,21 +301,17 @@ def parse_usual(record: Any) -> DatasetRow | None:
         )
     ):
         return None
-    # parse_timestamp's own first step, and (where they are equal) the API's spelling as
-    # the isoformat() the content hash takes: one regex match, not three.
-    if _CANONICAL_TIMESTAMP.fullmatch(raw_time) is None:
-        return None
+    # parse_timestamp's own first step (one regex match), and where they are equal the
+    # API's spelling as the isoformat() the content hash takes (it costs more than the rest
+    # of the hash): a canonical time ending in +00:00 is its own UTC isoformat(), except
+    # that isoformat() drops a fraction of zero.
     try:
-        creation_time = datetime.fromisoformat(raw_time)
+        creation_time = _canonical_time(raw_time)
     except ValueError:
+        return None  # out of range once converted to UTC
+    if creation_time is None:
         return None
-    if creation_time.tzinfo is not UTC:
-        try:
-            creation_time = _to_utc(creation_time, raw_time)
-        except ValueError:
-            return None
-        iso = creation_time.isoformat()
-    elif raw_time.endswith("+00:00") and not raw_time.endswith(".000000+00:00"):
+    if raw_time.endswith("+00:00") and not raw_time.endswith(".000000+00:00"):
         iso = raw_time
     else:
         iso = creation_time.isoformat()
