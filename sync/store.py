@@ -592,31 +592,9 @@ class _Writer:
             replaced = [
                 row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
             ]
-            # _content, inline and unpacked: this runs for every row of a first sync.
             staged = [
-                (
-                    dataset_id,
-                    owner,
-                    name,
-                    user_id,
-                    ts(created),
-                    cover_type,
-                    cover_id,
-                    None if extra is None else json.dumps(extra),
-                    content_hash,
-                    digest,
-                    change,
-                )
-                for (
-                    dataset_id,
-                    name,
-                    user_id,
-                    created,
-                    cover_type,
-                    cover_id,
-                    extra,
-                    content_hash,
-                ), owner, change, digest in batch
+                (*_content(row, owner, ts), row.content_hash, digest, change)
+                for row, owner, change, digest in batch
             ]
             self.staged.write(staged, replaced, background)
             return
