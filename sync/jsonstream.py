@@ -165,7 +165,7 @@ class ListingStream:
             raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
 
     def expect(self, expected: Mapping[str, object]) -> None:
-        """Hand out as a KnownRun each run of elements whose texts' record_digests are the expected ones.
+        """Hand out each run of elements whose texts have the expected digests as a KnownRun.
 
         `expected`: dataset_id -> a 64-char str, content hash then the record_digest of the
         stored record's text (other values never match). Call before iterating.
