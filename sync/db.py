@@ -35,6 +35,17 @@ _DEFAULT_DRIVERS = {
 _EXTRA_FOR_BACKEND = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 
 
+def _mysql_lock(purpose: str) -> str:
+    # MySQL's named locks are server-wide, PostgreSQL's advisory locks are per database: the
+    # name carries the database's (hashed, to fit 64 characters), so installations that share
+    # a server do not wait for each other.
+    return f"CONCAT('ideogram_sync_{purpose}:', LEFT(SHA2(COALESCE(DATABASE(), ''), 256), 16))"
+
+
+_MYSQL_WRITE_LOCK = _mysql_lock("write")
+_MYSQL_MIGRATE_LOCK = _mysql_lock("migrate")
+
+
 def normalize_url(url: str) -> URL:
     """Parse a database URL and give driverless PostgreSQL/MySQL URLs our default drivers."""
     try:
@@ -199,7 +210,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470022)")
                 elif name in ("mysql", "mariadb"):
                     got = conn.exec_driver_sql(
-                        "SELECT GET_LOCK('ideogram_sync_write', 300)"
+                        f"SELECT GET_LOCK({_MYSQL_WRITE_LOCK}, 300)"
                     ).scalar()
                     if got != 1:
                         raise DatabaseError(
@@ -209,7 +220,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         finally:
             if name in ("mysql", "mariadb") and not conn.closed and not conn.invalidated:
                 with suppress(SQLAlchemyError):
-                    conn.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_write')")
+                    conn.exec_driver_sql(f"SELECT RELEASE_LOCK({_MYSQL_WRITE_LOCK})")
 
 
 @contextmanager
@@ -224,14 +235,14 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     with engine.connect() as holder:
-        got = holder.exec_driver_sql("SELECT GET_LOCK('ideogram_sync_migrate', 120)").scalar()
+        got = holder.exec_driver_sql(f"SELECT GET_LOCK({_MYSQL_MIGRATE_LOCK}, 120)").scalar()
         if got != 1:
             raise DatabaseError("timed out waiting for another process to finish migrating")
         try:
             yield
         finally:
             with suppress(SQLAlchemyError):
-                holder.exec_driver_sql("SELECT RELEASE_LOCK('ideogram_sync_migrate')")
+                holder.exec_driver_sql(f"SELECT RELEASE_LOCK({_MYSQL_MIGRATE_LOCK})")
 
 
 def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseError:

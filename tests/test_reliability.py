@@ -3,6 +3,7 @@ slow servers, mass deletes. Each checks the end state of the data and of sync_ru
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -372,3 +373,39 @@ def test_mass_delete_is_refused_unless_allowed(
     assert allowed.code == 0
     assert all(r["deleted_at"] is not None for r in rows(db_url))
     assert runs(db_url)[-1]["deleted"] == 6
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_the_write_lock_is_per_database(backend: str, tmp_path: Path) -> None:
+    # Installations sharing a database server must not wait for each other's writes; two
+    # runs on one database must (MySQL's named locks are server-wide unless named apart).
+    from sync.db import write_transaction
+    from tests.conftest import database_url_for
+
+    fresh_database = contextlib.contextmanager(database_url_for)
+    with fresh_database(backend, tmp_path) as first, fresh_database(backend, tmp_path) as second:
+        engines = [make_engine(url) for url in (first, second, first)]
+        waiting: list[threading.Thread] = []
+
+        def writes_at_once(engine: sa.Engine) -> bool:
+            done = threading.Event()
+
+            def write() -> None:
+                with write_transaction(engine):
+                    done.set()
+
+            thread = threading.Thread(target=write, daemon=True)
+            thread.start()
+            waiting.append(thread)
+            return done.wait(2)
+
+        try:
+            with write_transaction(engines[0]):
+                assert writes_at_once(engines[1])
+                assert not writes_at_once(engines[2])
+            for thread in waiting:
+                thread.join(10)
+                assert not thread.is_alive()
+        finally:
+            for engine in engines:
+                engine.dispose()
