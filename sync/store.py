@@ -544,14 +544,19 @@ class _Writer:
         self.step = step
         dialect = conn.dialect
         self.timestamp: Callable[[datetime], Any]
+        # How a row's creation time goes to the driver, from the row (see _content).
+        self.creation: Callable[[DatasetRow], Any]
         if dialect.name == "sqlite":
             self.timestamp = _sqlite_timestamp
+            self.creation = _sqlite_creation
         elif dialect.name in ("mysql", "mariadb"):
             self.timestamp = _naive_utc
+            self.creation = _naive_creation
         else:
-            # Text into COPY: psycopg's datetime dumper cost more than isoformat() (about
+            self.timestamp = _aware_utc
+            # Text into COPY: psycopg's datetime dumper cost more than formatting it (about
             # 0.15 s per 100,000 rows), and the stage column parses the offset it spells.
-            self.timestamp = datetime.isoformat
+            self.creation = _iso_creation
         self.now_value = self.timestamp(now)
         self.staged: _Staged | None = None
         if dialect.name in ("sqlite", "postgresql"):
@@ -597,7 +602,7 @@ class _Writer:
 
         `background`: the caller may go on reading while the database writes.
         """
-        ts = self.timestamp
+        ts = self.creation
         if self.staged is not None:
             replaced = [
                 row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
@@ -873,14 +878,14 @@ def _close_versions(
         )
 
 
-def _content(row: DatasetRow, owner: str, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+def _content(row: DatasetRow, owner: str, ts: Callable[[DatasetRow], Any]) -> tuple[Any, ...]:
     """Id, account and content columns of `row` as the driver takes them."""
     return (
         row.dataset_id,
         owner,
         row.name,
         row.user_id,
-        ts(row.creation_time),
+        ts(row),
         row.cover_asset_type,
         row.cover_asset_id,
         None if row.extra is None else json.dumps(row.extra),
@@ -894,8 +899,30 @@ def _sqlite_timestamp(value: datetime) -> str:
     return value.isoformat(" ", "microseconds")[:26]
 
 
+def _sqlite_creation(row: DatasetRow) -> str:
+    # _sqlite_timestamp(row.creation_time), from its isoformat() (a UTC time, so it ends in
+    # +00:00): "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00". Formatting the aware datetime again
+    # cost three times as much (about 0.3 s per 100,000 new rows here).
+    iso = row.creation_iso
+    if iso[19] == ".":
+        return f"{iso[:10]} {iso[11:26]}"
+    return f"{iso[:10]} {iso[11:19]}.000000"
+
+
+def _iso_creation(row: DatasetRow) -> str:
+    return row.creation_iso
+
+
+def _naive_creation(row: DatasetRow) -> datetime:
+    return _naive_utc(row.creation_time)
+
+
 def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
 
 
 def _id_batches(

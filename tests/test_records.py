@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from sync import records
+from sync import records, store
 from sync.errors import ResponseError
 from sync.records import parse_listing, parse_record, parse_timestamp
 from tests.fakeapi import dataset
@@ -213,5 +215,25 @@ def test_the_usual_shape_shortcut_gives_what_the_general_path_gives(
         assert usual is None
         return
     assert usual is None or usual == general
+    assert general.creation_iso == general.creation_time.isoformat()
     if created.endswith(("+00:00", "Z")) and created[10] == "T" and "," not in created:
         assert usual is not None
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.sampled_from(["", "Z", "+00:00", "-07:30"]))
+def test_rows_carry_their_creation_time_as_each_store_writes_it(
+    moment: datetime, zone: str
+) -> None:
+    """The text the stores write from creation_iso is what formatting the datetime gives."""
+    spelled = moment.replace(tzinfo=None).isoformat() + zone
+    record = {"dataset_id": "a", "name": "n", "user_id": "u", "creation_time": spelled}
+    try:
+        row = parse_record(record)
+    except records.InvalidRecord:
+        assert zone == "-07:30"  # out of range once moved to UTC, near year 9999 or 1
+        return
+    assert row.creation_iso == row.creation_time.isoformat()
+    assert store._sqlite_creation(row) == store._sqlite_timestamp(row.creation_time)
+    assert datetime.fromisoformat(store._iso_creation(row)) == row.creation_time
+    usual = records.parse_usual(record)
+    assert usual is None or usual == row
