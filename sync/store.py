@@ -543,26 +543,23 @@ class _Writer:
         self.now = now
         self.step = step
         dialect = conn.dialect
-        self.timestamp: Callable[[datetime], Any]
         # How a row's creation time goes to the driver, from the row (see _content).
         self.creation: Callable[[DatasetRow], Any]
         if dialect.name == "sqlite":
-            self.timestamp = _sqlite_timestamp
             self.creation = _sqlite_creation
         elif dialect.name in ("mysql", "mariadb"):
-            self.timestamp = _naive_utc
             self.creation = _naive_creation
         else:
-            self.timestamp = _aware_utc
             # Text into COPY: psycopg's datetime dumper cost more than formatting it (about
             # 0.15 s per 100,000 rows), and the stage column parses the offset it spells.
             self.creation = _iso_creation
-        self.now_value = self.timestamp(now)
         self.staged: _Staged | None = None
         if dialect.name in ("sqlite", "postgresql"):
             self.staged = _Staged(conn, run_id, now, step)
         else:
             self.upsert = _Compiled(conn, upsert_statement(dialect.name), _DATASET_KEYS)
+            # The times every row of this run gets, as the driver takes them.
+            self.now_value = _naive_utc(now)
         self.set_digest = _Compiled(
             conn,
             update(datasets)
@@ -602,13 +599,13 @@ class _Writer:
 
         `background`: the caller may go on reading while the database writes.
         """
-        ts = self.creation
+        creation = self.creation
         if self.staged is not None:
             replaced = [
                 row.dataset_id for row, _owner, change, _d in batch if change != CHANGE_INSERT
             ]
             staged = [
-                (*_content(row, owner, ts), row.content_hash, digest, change)
+                (*_content(row, owner, creation), row.content_hash, digest, change)
                 for row, owner, change, digest in batch
             ]
             self.staged.write(staged, replaced, background)
@@ -618,7 +615,7 @@ class _Writer:
         ids: dict[str, list[str]] = {CHANGE_INSERT: [], CHANGE_UPDATE: [], CHANGE_RESTORE: []}
         for row, owner, change, digest in batch:
             rows.append(
-                (*_content(row, owner, ts), now, now, None, run_id, row.content_hash, digest)
+                (*_content(row, owner, creation), now, now, None, run_id, row.content_hash, digest)
             )
             ids[change].append(row.dataset_id)
         self.upsert.execute(rows, self.step)
@@ -878,31 +875,25 @@ def _close_versions(
         )
 
 
-def _content(row: DatasetRow, owner: str, ts: Callable[[DatasetRow], Any]) -> tuple[Any, ...]:
+def _content(row: DatasetRow, owner: str, creation: Callable[[DatasetRow], Any]) -> tuple[Any, ...]:
     """Id, account and content columns of `row` as the driver takes them."""
     return (
         row.dataset_id,
         owner,
         row.name,
         row.user_id,
-        ts(row),
+        creation(row),
         row.cover_asset_type,
         row.cover_asset_id,
         None if row.extra is None else json.dumps(row.extra),
     )
 
 
-def _sqlite_timestamp(value: datetime) -> str:
-    # SQLAlchemy's SQLite DATETIME storage format, so its reads parse what we write.
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:26]
-
-
 def _sqlite_creation(row: DatasetRow) -> str:
-    # _sqlite_timestamp(row.creation_time), from its isoformat() (a UTC time, so it ends in
-    # +00:00): "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00". Formatting the aware datetime again
-    # cost three times as much (about 0.3 s per 100,000 new rows here).
+    # SQLAlchemy's SQLite DATETIME storage format ("YYYY-MM-DD HH:MM:SS.ffffff", UTC), so its
+    # reads parse what we write; cut from the row's isoformat() text (a UTC time, so it is
+    # "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00"). Formatting the aware datetime again cost six
+    # times as much (about 0.3 s per 100,000 new rows here).
     iso = row.creation_iso
     if iso[19] == ".":
         return f"{iso[:10]} {iso[11:26]}"
@@ -919,10 +910,6 @@ def _naive_creation(row: DatasetRow) -> datetime:
 
 def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _aware_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
 
 
 def _id_batches(

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
 
 from sync import records, store
 from sync.errors import ResponseError
+from sync.models import datasets
 from sync.records import parse_listing, parse_record, parse_timestamp
 from tests.fakeapi import dataset
 
@@ -233,7 +235,12 @@ def test_rows_carry_their_creation_time_as_each_store_writes_it(
         assert zone == "-07:30"  # out of range once moved to UTC, near year 9999 or 1
         return
     assert row.creation_iso == row.creation_time.isoformat()
-    assert store._sqlite_creation(row) == store._sqlite_timestamp(row.creation_time)
+    # What SQLAlchemy's own SQLite DATETIME would store for the column (its reads parse it).
+    sqlite_dialect = sqlite.dialect()
+    column_type = datasets.c.creation_time.type.dialect_impl(sqlite_dialect)
+    bind = column_type.bind_processor(sqlite_dialect)
+    assert bind is not None
+    assert store._sqlite_creation(row) == bind(row.creation_time)
     assert datetime.fromisoformat(store._iso_creation(row)) == row.creation_time
     usual = records.parse_usual(record)
     assert usual is None or usual == row

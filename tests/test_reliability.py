@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from sync.db import make_engine, migrate
+from sync.db import make_engine, migrate, write_transaction
 from sync.models import sync_locks
-from tests.conftest import rows, subprocess_env
+from tests.conftest import database_url_for, rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,9 +379,6 @@ def test_mass_delete_is_refused_unless_allowed(
 def test_the_write_lock_is_per_database(backend: str, tmp_path: Path) -> None:
     # Installations sharing a database server must not wait for each other's writes; two
     # runs on one database must (MySQL's named locks are server-wide unless named apart).
-    from sync.db import write_transaction
-    from tests.conftest import database_url_for
-
     fresh_database = contextlib.contextmanager(database_url_for)
     with fresh_database(backend, tmp_path) as first, fresh_database(backend, tmp_path) as second:
         engines = [make_engine(url) for url in (first, second, first)]
