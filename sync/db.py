@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -132,9 +133,30 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"
 
 
+@contextmanager
+def _plain_mako() -> Iterator[None]:
+    """While Alembic is first imported, keep Mako from loading Pygments."""
+    # Alembic imports Mako, which it needs only to write new revision files (this tool
+    # never does), and Mako then imports Pygments' lexers if Pygments is installed (pytest
+    # and IPython bring it), to colour its HTML error pages: about 0.1 s here, a third of
+    # Alembic's import, on every run that migrates. A None in sys.modules makes that one
+    # import fail, and Mako takes its own fallback (plain text). Only for this import: a
+    # later import of the plugin, by anyone, works as usual.
+    plugin = "mako.ext.pygmentplugin"
+    blocked = "mako.exceptions" not in sys.modules and plugin not in sys.modules
+    if blocked:
+        sys.modules[plugin] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if blocked and plugin in sys.modules and sys.modules[plugin] is None:
+            del sys.modules[plugin]
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic Config that needs no alembic.ini; with a connection, env.py uses it."""
-    from alembic.config import Config
+    with _plain_mako():
+        from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
@@ -145,7 +167,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str | None:
     """The newest migration this version of the tool ships, as Alembic reads the scripts."""
-    from alembic.script import ScriptDirectory
+    with _plain_mako():
+        from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
@@ -170,8 +193,9 @@ def migrate(
     engine: Engine, target: str = "head", schema: str | None = None
 ) -> tuple[str | None, str | None]:
     """Upgrade the database to `target` (creating PostgreSQL `schema` if missing)."""
-    from alembic import command
-    from alembic.util.exc import CommandError as AlembicError
+    with _plain_mako():
+        from alembic import command
+        from alembic.util.exc import CommandError as AlembicError
 
     if schema:
         with engine.begin() as connection:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import String, bindparam, create_engine, select
 from sqlalchemy.dialects import sqlite
 
 from sync import records, store
@@ -222,6 +223,10 @@ def test_the_usual_shape_shortcut_gives_what_the_general_path_gives(
         assert usual is not None
 
 
+_SQLITE = create_engine("sqlite://")
+_SQLITE_DATETIME = select(store.sqlite_datetime(bindparam("iso", type_=String)))
+
+
 @given(st.datetimes(timezones=st.just(UTC)), st.sampled_from(["", "Z", "+00:00", "-07:30"]))
 def test_rows_carry_their_creation_time_as_each_store_writes_it(
     moment: datetime, zone: str
@@ -235,12 +240,16 @@ def test_rows_carry_their_creation_time_as_each_store_writes_it(
         assert zone == "-07:30"  # out of range once moved to UTC, near year 9999 or 1
         return
     assert row.creation_iso == row.creation_time.isoformat()
-    # What SQLAlchemy's own SQLite DATETIME would store for the column (its reads parse it).
+    # PostgreSQL's stage column parses the text; SQLite's stage cuts SQLAlchemy's own
+    # DATETIME text from it in SQL, which must be what the column type would store (its
+    # reads parse it).
+    assert datetime.fromisoformat(row.creation_iso) == row.creation_time
     sqlite_dialect = sqlite.dialect()
     column_type = datasets.c.creation_time.type.dialect_impl(sqlite_dialect)
     bind = column_type.bind_processor(sqlite_dialect)
     assert bind is not None
-    assert store._sqlite_creation(row) == bind(row.creation_time)
-    assert datetime.fromisoformat(store._iso_creation(row)) == row.creation_time
+    with _SQLITE.connect() as connection:
+        cut = connection.execute(_SQLITE_DATETIME, {"iso": row.creation_iso}).scalar()
+    assert cut == bind(row.creation_time)
     usual = records.parse_usual(record)
     assert usual is None or usual == row
