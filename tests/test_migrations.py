@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -136,3 +137,23 @@ def test_backfilled_hashes_make_the_next_run_unchanged(cli, fake_api, db_url: st
 def test_schema_head_constant_matches_the_migrations() -> None:
     """db.SCHEMA_HEAD (read without importing Alembic) must name the newest migration."""
     assert head_revision() == SCHEMA_HEAD
+
+
+def test_migrating_does_not_load_pygments(tmp_path: Path) -> None:
+    """Alembic's Mako would import Pygments' lexers (a third of Alembic's import time)
+    to colour HTML error pages no run shows; the plugin still imports afterwards."""
+    pytest.importorskip("pygments")
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    script = (
+        "import sys\n"
+        "from sync.db import make_engine, migrate\n"
+        f"migrate(make_engine({url!r}))\n"
+        "assert 'pygments' not in sys.modules, 'pygments was imported'\n"
+        "assert 'mako.exceptions' in sys.modules\n"
+        "import mako.ext.pygmentplugin\n"
+        "assert 'pygments' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
