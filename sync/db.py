@@ -138,8 +138,8 @@ def _plain_mako() -> Iterator[None]:
     """While Alembic is first imported, keep Mako from loading Pygments."""
     # Alembic imports Mako, which it needs only to write new revision files (this tool
     # never does), and Mako then imports Pygments' lexers if Pygments is installed (pytest
-    # and IPython bring it), to colour its HTML error pages: about 0.1 s here, a third of
-    # Alembic's import, on every run that migrates. A None in sys.modules makes that one
+    # and IPython bring it), to colour its HTML error pages: 0.05-0.1 s here, up to a third
+    # of Alembic's import, on every run that migrates. A None in sys.modules makes that one
     # import fail, and Mako takes its own fallback (plain text). Only for this import: a
     # later import of the plugin, by anyone, works as usual.
     plugin = "mako.ext.pygmentplugin"
