@@ -910,13 +910,19 @@ def _staged_with_extra(
 def sqlite_datetime(iso: ColumnElement[Any]) -> ColumnElement[str]:
     """SQLAlchemy's SQLite DATETIME text of a UTC isoformat() text, cut apart in SQL.
 
-    "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00" -> "YYYY-MM-DD HH:MM:SS.ffffff", the format the
-    column type's reads parse. Inside the database it runs in the writer's thread, without
-    the GIL, instead of once per row in the thread that reads the listing.
+    "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00" (32 characters with the fraction, 25 without) ->
+    "YYYY-MM-DD HH:MM:SS.ffffff", the format the column type's reads parse. Inside the
+    database it runs in the writer's thread, without the GIL, instead of once per row in
+    the thread that reads the listing.
     """
-    part = partial(func.substr, iso, type_=String)
-    fraction = case((part(20, 1) == ".", part(20, 7)), else_=literal(".000000", String))
-    return part(1, 10).concat(" ").concat(part(12, 8)).concat(fraction)
+
+    def spaced(length: int) -> ColumnElement[str]:
+        return func.replace(func.substr(iso, 1, length, type_=String), "T", " ", type_=String)
+
+    return case(
+        (func.length(iso) == 32, spaced(26)),
+        else_=spaced(19).concat(".000000"),
+    )
 
 
 def _naive_utc(value: datetime) -> datetime:
