@@ -637,18 +637,13 @@ class _Writer:
             self.conn.execute(insert(dataset_history).from_select(_HISTORY_KEYS, rows))
 
 
-# What a batch's stage table holds per row: the dataset's values in DatasetRow's order
-# (so that one itemgetter picks them), with the creation time as its isoformat() text and
-# the unknown fields as JSON text, then the owner, the record digest and what the change
-# is. Run id and times are the same for every row, so they go in the INSERT ... SELECT.
+# What a batch's stage table holds per row: the dataset's id, content and hash first (one
+# itemgetter picks them from the DatasetRow), with the creation time as its isoformat()
+# text and the unknown fields as JSON text, then the owner, the record digest and what the
+# change is. Run id and times are the same for every row, so they go in the INSERT ... SELECT.
 _STAGED_KEYS = (
     "dataset_id",
-    "name",
-    "user_id",
-    "creation_time",
-    "cover_asset_type",
-    "cover_asset_id",
-    "extra",
+    *CONTENT_COLUMNS,
     "content_hash",
     "account",
     "record_digest",
