@@ -112,11 +112,20 @@ def sync_account(
             run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
         except SQLAlchemyError as exc:
             raise database_error(exc, url, "recording the start of the run") from exc
-        log.info("run %d started for account %s", run_id, account.name)
-        fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
-        fetch = _fetcher(account, api_key, body, cancel, prefetched)
-        step = _checkpoint(cancel)
-        counts = _run(settings, account, engine, lease, run_id, fetch, fraction, step, clock)
+        # The run row exists from here on, so every way out must record how the run ended:
+        # the try starts at once, so a signal cannot land between the two unrecorded.
+        progress = _Progress()
+        try:
+            log.info("run %d started for account %s", run_id, account.name)
+            fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
+            fetch = _fetcher(account, api_key, body, cancel, prefetched)
+            step = _checkpoint(cancel)
+            counts = _run(
+                settings, account, engine, lease, run_id, fetch, fraction, step, clock, progress
+            )
+        except BaseException as exc:
+            _record_failure(engine, url, run_id, exc, progress.applied, clock)
+            raise
     finally:
         lease.release()
     duration = time.monotonic() - started
@@ -239,6 +248,13 @@ def _checkpoint(cancel: threading.Event | None) -> Callable[[], None]:
     return step
 
 
+@dataclass
+class _Progress:
+    """What a run has learnt so far: its failed row reports the counts of a listing read."""
+
+    applied: store.Applied | None = None
+
+
 def _run(
     settings: Settings,
     account: Account,
@@ -249,76 +265,70 @@ def _run(
     max_delete_fraction: float | None,
     step: Callable[[], None],
     clock: Callable[[], datetime],
+    progress: _Progress,
 ) -> Counts:
     url = settings.database.url
-    applied: store.Applied | None = None
     try:
-        try:
-            orphans = runs.abandon_orphans(engine, account.name, run_id, clock())
-        except SQLAlchemyError as exc:
-            raise database_error(exc, url, "checking for abandoned runs") from exc
-        if orphans:
-            log.warning(
-                "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
-                ", ".join(map(str, orphans)),
-                account.name,
-            )
+        orphans = runs.abandon_orphans(engine, account.name, run_id, clock())
+    except SQLAlchemyError as exc:
+        raise database_error(exc, url, "checking for abandoned runs") from exc
+    if orphans:
+        log.warning(
+            "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
+            ", ".join(map(str, orphans)),
+            account.name,
+        )
+    step()
+    with fetch() as fetched:
         step()
-        with fetch() as fetched:
-            step()
-            body = fetched.file
-            digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
+        body = fetched.file
+        digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
 
-            def write(last: dict[str, int] | None) -> store.Applied:
-                body.seek(0)
-                with write_transaction(engine) as conn:
-                    # Fencing: if our lease was taken over, this raises and rolls back.
-                    lease.check(conn)
-                    nonlocal applied
-                    same = runs.unchanged_since(conn, account.name, digest)
-                    if same is not None:
-                        # Byte for byte what the tables already hold: nothing to diff.
-                        log.info(
-                            "the listing of account %s is unchanged since run %d; nothing to write",
-                            account.name,
-                            same[0],
-                        )
-                        applied = store.Applied(same[1], [], [], complete=True)
-                        runs.finish_run(conn, run_id, same[1], clock(), digest)
-                        return applied
-                    result = applied = store.apply(
-                        conn,
+        def write(last: dict[str, int] | None) -> store.Applied:
+            body.seek(0)
+            with write_transaction(engine) as conn:
+                # Fencing: if our lease was taken over, this raises and rolls back.
+                lease.check(conn)
+                same = runs.unchanged_since(conn, account.name, digest)
+                if same is not None:
+                    # Byte for byte what the tables already hold: nothing to diff.
+                    log.info(
+                        "the listing of account %s is unchanged since run %d; nothing to write",
                         account.name,
-                        ListingStream(body),
-                        run_id,
-                        clock(),
-                        max_delete_fraction,
-                        step,
-                        last,
+                        same[0],
                     )
-                    _report(result, settings.sync.on_invalid_record)
-                    runs.finish_run(conn, run_id, result.counts, clock(), digest)
-                    step()
-                return result
+                    applied = progress.applied = store.Applied(same[1], [], [], complete=True)
+                    runs.finish_run(conn, run_id, same[1], clock(), digest)
+                    return applied
+                result = progress.applied = store.apply(
+                    conn,
+                    account.name,
+                    ListingStream(body),
+                    run_id,
+                    clock(),
+                    max_delete_fraction,
+                    step,
+                    last,
+                )
+                _report(result, settings.sync.on_invalid_record)
+                runs.finish_run(conn, run_id, result.counts, clock(), digest)
+                step()
+            return result
 
+        try:
             try:
-                try:
-                    applied = write(None)
-                except store.NeedsCarefulPass as again:
-                    # Rolled back: the listing repeats an id whose first record was
-                    # already written. Rare; read it twice so only the last one counts.
-                    log.warning(
-                        "dataset %s is listed more than once; reading the listing twice",
-                        again.args[0],
-                    )
-                    body.seek(0)
-                    applied = write(last_occurrences(ListingStream(body)))
-            except SQLAlchemyError as exc:
-                raise database_error(exc, url, "writing the datasets") from exc
-    except BaseException as exc:
-        _record_failure(engine, url, run_id, exc, applied, clock)
-        raise
-    return applied.counts
+                return write(None).counts
+            except store.NeedsCarefulPass as again:
+                # Rolled back: the listing repeats an id whose first record was
+                # already written. Rare; read it twice so only the last one counts.
+                log.warning(
+                    "dataset %s is listed more than once; reading the listing twice",
+                    again.args[0],
+                )
+                body.seek(0)
+                return write(last_occurrences(ListingStream(body))).counts
+        except SQLAlchemyError as exc:
+            raise database_error(exc, url, "writing the datasets") from exc
 
 
 def listing_digest(body_sha256: str, policy: str) -> str:

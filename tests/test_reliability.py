@@ -242,6 +242,27 @@ def test_sigterm_while_waiting_for_the_api(fake_api: FakeApi, synced: str, tmp_p
     assert (last["status"], last["error"]) == ("failed", "interrupted (SIGTERM)")
 
 
+def test_a_signal_right_after_the_run_row_is_recorded(
+    cli, synced: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM between committing the `running` row and the download still fails the row."""
+    from sync import job
+    from sync.errors import Terminated
+
+    def interrupted(*_args: Any) -> Any:
+        # Where a signal handler's exception would surface: the first step after the row.
+        raise Terminated()
+
+    monkeypatch.setattr(job, "_fetcher", interrupted)
+    before = data(synced)
+    result = cli("--database-url", synced, "run")
+    assert result.code == 143
+    assert data(synced) == before
+    last = runs(synced)[-1]
+    assert (last["status"], last["error"]) == ("failed", "interrupted (SIGTERM)")
+    assert rows(synced, "sync_locks") == []
+
+
 @pytest.fixture(params=["postgresql", "mysql"])
 def server_synced(
     request: pytest.FixtureRequest, cli, fake_api: FakeApi, tmp_path: Path
