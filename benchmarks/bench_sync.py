@@ -773,7 +773,8 @@ def measure_startup(
     launcher: Launcher, runs: int, workdir: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Median wall time of `ideogram-sync --help`, of `status` on an empty SQLite database,
-    and of `python -c pass` (the interpreter's own floor), over `runs` runs each."""
+    of `python -c pass` (the interpreter's own floor) and of `python -c "import sqlalchemy"`
+    (the floor of any command that opens the database), over `runs` runs each."""
     command = ideogram_sync_command()
     empty = workdir / "startup-empty.db"
     sqlite3.connect(empty).close()
@@ -783,6 +784,7 @@ def measure_startup(
         # An empty database: status warns that there are no tables and exits 1.
         "status": [*command, "--database-url", f"sqlite:///{empty}", "status"],
         "python": [sys.executable, "-c", "pass"],
+        "sqlalchemy": [sys.executable, "-c", "import sqlalchemy"],
     }
     result: dict[str, Any] = {}
     for name, argv in cases.items():
@@ -877,6 +879,42 @@ def evaluate_targets(
     return targets
 
 
+def evaluate_floors(results: list[dict[str, Any]], startup: dict[str, Any]) -> list[dict[str, Any]]:
+    """The least that two targets can measure, given work the tool cannot skip.
+
+    A 1%-changed run does all that an unchanged run does (start-up, download, the body's
+    digest) and then more, so the project's unchanged time over the 1% baseline's time is
+    a floor for the 1% ratio. `status` opens the database through SQLAlchemy, so the time
+    of `python -c "import sqlalchemy"` is a floor for its start-up.
+    """
+    by_key = {(r["backend"], r["n"], r["phase"]): r for r in results}
+    floors: list[dict[str, Any]] = []
+    for (backend, n, phase), row in by_key.items():
+        unchanged = by_key.get((backend, n, "unchanged"))
+        if phase != "changed_1pct" or unchanged is None:
+            continue
+        floors.append(
+            {
+                "floor": f"changed_1pct at N={n:,}: project unchanged run / 1% baseline",
+                "backend": backend,
+                "value": round(unchanged["project"]["median_s"] / row["baseline"]["median_s"], 3),
+                "limit": RATIO_TARGETS["changed_1pct"],
+                "unit": "x",
+            }
+        )
+    if "sqlalchemy" in startup:
+        floors.append(
+            {
+                "floor": '`status` start-up: `python -c "import sqlalchemy"`',
+                "backend": "-",
+                "value": startup["sqlalchemy"]["median_s"],
+                "limit": STARTUP_TARGET_S,
+                "unit": "s",
+            }
+        )
+    return floors
+
+
 PHASE_LABELS = {"first": "first", "unchanged": "unchanged", "changed_1pct": "changed 1%"}
 
 
@@ -945,6 +983,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     else:
         lines.append("No target can be checked at the measured sizes.")
+    if report.get("floors"):
+        lines += [
+            "",
+            "## Floors",
+            "",
+            "What the tool pays before the work a target is about: a target whose floor is near"
+            " or above its limit cannot be met by making that work faster.",
+            "",
+            "| floor | backend | measured | target's limit |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for f in report["floors"]:
+            lines.append(
+                f"| {f['floor']} | {f['backend']} | {_quantity(f['value'], f['unit'])} | "
+                f"{_quantity(f['limit'], f['unit'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -1021,6 +1075,7 @@ def _write(out: Path, report: dict[str, Any], launcher: Launcher) -> None:
     now = code_fingerprint(Path(meta["project_code"]))
     meta["code_changed_during_run"] = now != meta["code_fingerprint"]
     report["targets"] = evaluate_targets(report["results"], report["startup"])
+    report["floors"] = evaluate_floors(report["results"], report["startup"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(render_markdown(report))
@@ -1166,6 +1221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "startup": {},
             "results": [],
             "targets": [],
+            "floors": [],
         }
         if startup_runs:
             report["startup"] = measure_startup(launcher, startup_runs, workdir, log)

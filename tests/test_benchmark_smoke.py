@@ -33,7 +33,7 @@ def test_benchmark_quick_run_writes_results_for_every_phase(tmp_path: Path) -> N
     assert (tmp_path / "out" / "results.md").read_text().startswith("# ideogram-sync benchmark")
     assert {"meta", "startup", "results", "targets"} <= report.keys()
     assert set(report["meta"]["backends"]) == set(backends)
-    assert {"help", "status"} <= report["startup"].keys()
+    assert {"help", "status", "python", "sqlalchemy"} <= report["startup"].keys()
     for item in report["startup"].values():
         assert item["median_s"] > 0
     found = {(r["backend"], r["n"], r["phase"]): r for r in report["results"]}
@@ -51,3 +51,11 @@ def test_benchmark_quick_run_writes_results_for_every_phase(tmp_path: Path) -> N
         "`ideogram-sync status` start-up",
     }
     assert all(isinstance(t["pass"], bool) for t in report["targets"])
+    # The floors: one per backend for the 1% re-run, and SQLAlchemy's import for `status`.
+    floors = {(f["floor"], f["backend"]): f for f in report["floors"]}
+    one_pct = "changed_1pct at N=1,000: project unchanged run / 1% baseline"
+    assert set(floors) == {(one_pct, b) for b in backends} | {
+        ('`status` start-up: `python -c "import sqlalchemy"`', "-")
+    }
+    assert all(f["value"] > 0 for f in floors.values())
+    assert "## Floors" in (tmp_path / "out" / "results.md").read_text()
