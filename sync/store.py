@@ -227,7 +227,7 @@ class _Diff:
         self.now = now
         self.step = step
         self.last = last
-        self.stored, self.active = _load(conn, account)
+        self.stored, self.active, self.shared = _load(conn, account)
         self.writer = _Writer(conn, run_id, now, step)
         # Ids met so far -> their stored value (None: new); _WRITTEN once flushed.
         self.seen: dict[str, _StoredValue | None] = {}
@@ -276,27 +276,13 @@ class _Diff:
             self._count_reject(index, dataset_id, str(exc))
             self.rejected_ids.add(dataset_id)
             return
-        owner = self.account
-        if old is None:
-            change = CHANGE_INSERT
-        else:
-            stored = (
-                old
-                if isinstance(old, _Stored)
-                else _Stored(self.account, old[:DIGEST_LENGTH], False)
-            )
-            if stored.deleted:
-                change = CHANGE_RESTORE
-            elif stored.content_hash == row.content_hash:
-                self.unchanged += 1
-                if isinstance(old, str):
-                    self.keep_digest(dataset_id, old, digest())
-                return
-            else:
-                # A dataset that another account lists too stays with the account that
-                # has it now (no ping-pong between accounts); this run only refreshes it.
-                owner = stored.account
-                change = CHANGE_UPDATE
+        decided = self._change(old, row)
+        if decided is None:
+            self.unchanged += 1
+            if isinstance(old, str):
+                self.keep_digest(dataset_id, old, digest())
+            return
+        change, owner = decided
         if change == CHANGE_INSERT:
             self.inserted += 1
         else:
@@ -304,6 +290,45 @@ class _Diff:
         self.pending[dataset_id] = (row, owner, change, digest())
         if len(self.pending) >= FLUSH_ROWS:
             self.flush_pending()
+
+    def _change(self, old: _StoredValue | None, row: DatasetRow) -> tuple[str, str] | None:
+        """What writing `row` over its stored value is, and the row's owner; None: unchanged."""
+        if old is None:
+            return CHANGE_INSERT, self.account
+        stored = (
+            old if isinstance(old, _Stored) else _Stored(self.account, old[:DIGEST_LENGTH], False)
+        )
+        if stored.deleted:
+            return CHANGE_RESTORE, self.account
+        if stored.content_hash == row.content_hash:
+            return None
+        # A dataset that another account lists too stays with the account that has it now
+        # (no ping-pong between accounts); this run only refreshes it.
+        return CHANGE_UPDATE, stored.account
+
+    def _settle_shared(self) -> None:
+        """Decide pending inserts whose ids another account's rows have, against those rows."""
+        # Only this account's rows were loaded: with other accounts in the table, an id new
+        # to this account may be theirs. Looked up once per batch, for its new ids only.
+        if not self.shared:
+            return
+        new = [key for key, (_r, _o, change, _d) in self.pending.items() if change == CHANGE_INSERT]
+        if not new:
+            return
+        self.writer.wait()  # the connection is the background writer's until then
+        for dataset_id, old in _load_shared(self.conn, self.account, new, self.step):
+            row, _owner, _change, digest = self.pending[dataset_id]
+            self.inserted -= 1
+            # What a repeat of this id later in the listing is diffed against (_forget).
+            self.seen[dataset_id] = old
+            decided = self._change(old, row)
+            if decided is None:
+                del self.pending[dataset_id]
+                self.unchanged += 1
+            else:
+                change, owner = decided
+                self.updated += 1
+                self.pending[dataset_id] = (row, owner, change, digest)
 
     def flush_pending(self) -> None:
         """Write the pending rows while the listing is still being read."""
@@ -352,6 +377,7 @@ class _Diff:
         return reject
 
     def _flush(self, background: bool = False) -> None:
+        self._settle_shared()
         if not self.pending:
             return
         self.step()
@@ -418,12 +444,13 @@ def _guard_mass_delete(account: str, deleting: int, active: int, fraction: float
         )
 
 
-def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]:
-    """Every stored row's id and what the diff needs of it; and this account's active count."""
-    # The table is keyed on dataset_id alone, so a dataset another account saw is
-    # still "this row": load every row, but only what the diff needs (no timestamps or
-    # JSON to convert), straight from the driver's cursor. Most rows are this account's,
-    # active and hashed: those come as (id, hash) pairs that dict.update takes in C.
+def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int, bool]:
+    """This account's stored rows (id -> what the diff needs of it), its active count, and
+    whether other accounts have rows too (see _Diff._settle_shared)."""
+    # Only what the diff needs (no timestamps or JSON to convert), straight from the
+    # driver's cursor. Most rows are this account's, active and hashed: those come as
+    # (id, hash) pairs that dict.update takes in C. Other accounts' rows are not loaded:
+    # each would cost every run of this account time and memory.
     mine = (
         (datasets.c.account == account)
         & datasets.c.deleted_at.is_(None)
@@ -435,18 +462,44 @@ def _load(conn: Connection, account: str) -> tuple[dict[str, _StoredValue], int]
     for rows in _fetch(conn, select(datasets.c.dataset_id, value).where(mine)):
         stored.update(rows)
     active = len(stored)
-    others = select(
+    # Two lookups at the ends of the account index (min and max in one SELECT scan it).
+    low, high = conn.execute(
+        select(
+            select(func.min(datasets.c.account)).scalar_subquery(),
+            select(func.max(datasets.c.account)).scalar_subquery(),
+        )
+    ).one()
+    shared = low is not None and (low != account or high != account)
+    # Alone in the table, the rest is this account's anyway; a scan finds it faster there
+    # than the account index would (SQLite picks the index for `account = ?`).
+    rest = ~mine & (datasets.c.account == account) if shared else ~mine
+    for rows in _fetch(conn, _stored_rows(rest)):
+        for dataset_id, owner, digest, deleted in rows:
+            if not deleted:
+                active += 1
+            stored[dataset_id] = _Stored(owner, digest, bool(deleted))
+    return stored, active, shared
+
+
+def _stored_rows(where: ColumnElement[bool]) -> Select[Any]:
+    """Id, owner, content hash and whether deleted, of the rows matching `where`."""
+    return select(
         datasets.c.dataset_id,
         datasets.c.account,
         datasets.c.content_hash,
         datasets.c.deleted_at.is_not(None),
-    ).where(~mine)
-    for rows in _fetch(conn, others):
+    ).where(where)
+
+
+def _load_shared(
+    conn: Connection, account: str, ids: Sequence[str], step: Callable[[], None]
+) -> Iterator[tuple[str, _Stored]]:
+    """The rows of other accounts among `ids`, as the diff holds them."""
+    for match in _id_batches(conn, datasets.c.dataset_id, ids):
+        step()
+        rows = conn.execute(_stored_rows(match & (datasets.c.account != account)))
         for dataset_id, owner, digest, deleted in rows:
-            if owner == account and not deleted:
-                active += 1
-            stored[dataset_id] = _Stored(owner, digest, bool(deleted))
-    return stored, active
+            yield dataset_id, _Stored(owner, digest, bool(deleted))
 
 
 def _fetch(conn: Connection, query: Select[Any]) -> Iterator[list[Any]]:

@@ -235,3 +235,86 @@ def test_account_settings(tmp_path: Path) -> None:
     # The environment points every account at one server.
     moved = load_settings(str(path), env={"ONE": "k", "IDEOGRAM_API_BASE_URL": "http://fake:2"})
     assert {a.api.base_url for a in moved.accounts} == {"http://fake:2"}
+
+
+def test_a_run_loads_only_its_own_accounts_rows(
+    cli, fake_api: FakeApi, db_url: str, accounts_config: str
+) -> None:
+    """Another account's rows cost a run nothing up front: only its own are loaded."""
+    from sync import store
+    from sync.db import make_engine
+
+    fake_api.by_key = {
+        "sk-alpha-0001": [dataset("a1"), dataset("a2")],
+        "sk-beta-0002": [dataset("b1")],
+        "sk-gamma-0003": [],
+    }
+    args = ("--config", accounts_config, "--database-url", db_url, "run")
+    assert cli(*args, "--account", "alpha", env=KEYS).code == 0
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stored, active, shared = store._load(conn, "alpha")
+            assert (set(stored), active, shared) == ({"a1", "a2"}, 2, False)
+        assert cli(*args, env=KEYS).code == 0
+        with engine.connect() as conn:
+            stored, active, shared = store._load(conn, "beta")
+            assert (set(stored), active, shared) == ({"b1"}, 1, True)
+            stored, active, shared = store._load(conn, "gamma")
+            assert (stored, active, shared) == ({}, 0, True)
+    finally:
+        engine.dispose()
+
+
+def test_another_accounts_datasets_across_batches(
+    cli, fake_api: FakeApi, db_url: str, accounts_config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids of another account's rows are decided per written batch, repeats included."""
+    from sync import store
+
+    # Two rows a batch: every lookup of another account's ids happens mid-listing.
+    monkeypatch.setattr(store, "FLUSH_ROWS", 2)
+    alpha = [dataset("s1", "v1"), dataset("s2", "v1"), dataset("s3", "v1"), dataset("s4", "v1")]
+    fake_api.by_key = {"sk-alpha-0001": alpha, "sk-beta-0002": [], "sk-gamma-0003": []}
+    args = ("--config", accounts_config, "--database-url", db_url, "run")
+    assert cli(*args, "--account", "alpha", env=KEYS).code == 0
+    fake_api.by_key["sk-alpha-0001"] = [alpha[0], alpha[1], alpha[3]]  # alpha drops s3
+    assert cli(*args, "--account", "alpha", env=KEYS).code == 0
+    fake_api.by_key["sk-beta-0002"] = [
+        dataset("s1", "v1"),  # alpha's, unchanged ...
+        dataset("s2", "v2"),  # alpha's, changed: stays alpha's
+        dataset("n1", "v1"),  # nobody's: beta's
+        dataset("s3", "v1"),  # deleted by alpha: restored as beta's
+        dataset("s4", "v1"),  # alpha's, unchanged
+        dataset("s1", "v3"),  # ... then listed again, changed: the last one counts
+    ]
+    result = cli(*args, "--account", "beta", env=KEYS)
+    assert result.code == 0, result.output
+
+    stored = {r["dataset_id"]: (r["account"], r["name"], r["deleted_at"]) for r in rows(db_url)}
+    assert stored == {
+        "s1": ("alpha", "v3", None),
+        "s2": ("alpha", "v2", None),
+        "s3": ("beta", "v1", None),
+        "s4": ("alpha", "v1", None),
+        "n1": ("beta", "v1", None),
+    }
+    run = last_runs(db_url)["beta"]
+    counts = {k: run[k] for k in ("datasets_seen", "inserted", "updated", "unchanged", "deleted")}
+    assert counts == {"datasets_seen": 6, "inserted": 1, "updated": 3, "unchanged": 1, "deleted": 0}
+    beta_versions = sorted(
+        (h["dataset_id"], h["change_type"], h["account"], h["valid_to"] is None)
+        for h in rows(db_url, "dataset_history")
+        if h["sync_run_id"] == run["id"]
+    )
+    assert beta_versions == [
+        ("n1", "insert", "beta", True),
+        ("s1", "update", "alpha", True),
+        ("s2", "update", "alpha", True),
+        ("s3", "restore", "beta", True),
+    ]
+    # Every dataset has exactly one open version.
+    open_versions = [
+        h["dataset_id"] for h in rows(db_url, "dataset_history") if h["valid_to"] is None
+    ]
+    assert sorted(open_versions) == ["n1", "s1", "s2", "s3", "s4"]
