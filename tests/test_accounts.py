@@ -52,14 +52,19 @@ def last_runs(url: str) -> dict[str, dict[str, Any]]:
     return {r["account"]: r for r in rows(url, "sync_runs", order="id")}
 
 
-def test_every_account_is_synced_with_its_own_key_and_run(
-    cli, fake_api: FakeApi, db_url: str, accounts_config: str
-) -> None:
-    fake_api.by_key = {
+def listings() -> dict[str, list[dict[str, Any]]]:
+    """Per key: alpha lists a1 and a2, beta lists b1, gamma lists nothing."""
+    return {
         "sk-alpha-0001": [dataset("a1"), dataset("a2")],
         "sk-beta-0002": [dataset("b1")],
         "sk-gamma-0003": [],
     }
+
+
+def test_every_account_is_synced_with_its_own_key_and_run(
+    cli, fake_api: FakeApi, db_url: str, accounts_config: str
+) -> None:
+    fake_api.by_key = listings()
     result = cli("--config", accounts_config, "--database-url", db_url, "run", env=KEYS)
     assert result.code == 0, result.err
     assert by_account(db_url) == {"alpha": {"a1", "a2"}, "beta": {"b1"}}
@@ -244,11 +249,7 @@ def test_a_run_loads_only_its_own_accounts_rows(
     from sync import store
     from sync.db import make_engine
 
-    fake_api.by_key = {
-        "sk-alpha-0001": [dataset("a1"), dataset("a2")],
-        "sk-beta-0002": [dataset("b1")],
-        "sk-gamma-0003": [],
-    }
+    fake_api.by_key = listings()
     args = ("--config", accounts_config, "--database-url", db_url, "run")
     assert cli(*args, "--account", "alpha", env=KEYS).code == 0
     engine = make_engine(db_url)
