@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -796,7 +797,7 @@ def measure_startup(
             walls.append(measured.wall_s)
         shown = [Path(argv[0]).name, *argv[1:]]
         result[name] = {
-            "command": " ".join(shown).replace(str(empty), "EMPTY.db"),
+            "command": shlex.join(shown).replace(str(empty), "EMPTY.db"),
             "median_s": round(statistics.median(walls), 4),
             "wall_s": [round(w, 4) for w in walls],
         }
