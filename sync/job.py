@@ -113,7 +113,8 @@ def sync_account(
         except SQLAlchemyError as exc:
             raise database_error(exc, url, "recording the start of the run") from exc
         # The run row exists from here on, so every way out must record how the run ended:
-        # the try starts at once, so a signal cannot land between the two unrecorded.
+        # the try starts right after it (only a signal inside start_run's own return, after
+        # the commit, can still leave the row `running`; the next run marks it abandoned).
         progress = _Progress()
         try:
             log.info("run %d started for account %s", run_id, account.name)
