@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sync import __version__
 from sync.config import parse_duration
@@ -64,36 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML config file (default: $IDEOGRAM_SYNC_CONFIG, else ./ideogram-sync.toml)",
-    )
-    parser.add_argument(
-        "--database-url",
-        metavar="URL",
-        help="SQLAlchemy database URL; overrides [database] url and $IDEOGRAM_SYNC_DATABASE_URL",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default="INFO",
-        type=str.upper,
-        help="log level for messages on stderr (default: INFO)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="text lines for people (default) or one JSON object per line for log collectors",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show tracebacks on errors (and DEBUG logs)"
-    )
+    _add_global_options(parser, with_defaults=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # The global options are accepted after the command too (`run --database-url URL`).
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, with_defaults=False)
 
-    run = commands.add_parser("run", help="sync the datasets once, then exit (for cron)")
+    run = commands.add_parser(
+        "run", parents=[common], help="sync the datasets once, then exit (for cron)"
+    )
     run.add_argument(
         "--input",
         metavar="FILE",
@@ -118,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_cmd_run)
 
-    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate = commands.add_parser(
+        "migrate", parents=[common], help="apply pending database migrations"
+    )
     migrate.set_defaults(handler=_cmd_migrate)
 
-    status = commands.add_parser("status", help="show the last runs of each account")
+    status = commands.add_parser(
+        "status", parents=[common], help="show the last runs of each account"
+    )
     status.add_argument(
         "--limit",
         type=int,
@@ -143,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_status)
 
     daemon = commands.add_parser(
-        "daemon", help="sync on the [schedule] until SIGTERM/SIGINT (for systemd, Kubernetes)"
+        "daemon",
+        parents=[common],
+        help="sync on the [schedule] until SIGTERM/SIGINT (for systemd, Kubernetes)",
     )
     daemon.add_argument(
         "--no-migrate",
@@ -153,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.set_defaults(handler=_cmd_daemon)
 
-    shown = commands.add_parser("datasets", help="print the synced datasets")
+    shown = commands.add_parser("datasets", parents=[common], help="print the synced datasets")
     shown.add_argument(
         "--format",
         choices=("table", "csv", "json"),
@@ -167,6 +152,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shown.set_defaults(handler=_cmd_datasets)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    # After the command, an option that is not given must not reset the one given before
+    # it: there the options have no default at all (SUPPRESS leaves the attribute alone).
+    def default(value: object) -> object:
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default(None),
+        help="TOML config file (default: $IDEOGRAM_SYNC_CONFIG, else ./ideogram-sync.toml)",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=default(None),
+        help="SQLAlchemy database URL; overrides [database] url and $IDEOGRAM_SYNC_DATABASE_URL",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default("INFO"),
+        type=str.upper,
+        help="log level for messages on stderr (default: INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default("text"),
+        help="text lines for people (default) or one JSON object per line for log collectors",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="show tracebacks on errors (and DEBUG logs)",
+    )
 
 
 def entry() -> int:
@@ -190,17 +216,17 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     args.own_process = own_process
     configure_logging(args.log_level, args.verbose, args.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    previous = _on_sigterm_raise()
+    previous = _on_signals_stop(own_process)
     try:
         return handler(args)
     except SyncError as exc:
         log.error("%s failed: %s", args.command, exc, exc_info=args.verbose)
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("%s interrupted (Ctrl-C); any open transaction was rolled back", args.command)
+    except KeyboardInterrupt as exc:
+        log.error("%s interrupted (Ctrl-C); %s", args.command, _what_happened(exc))
         return EXIT_INTERRUPTED
-    except Terminated:
-        log.error("%s stopped by SIGTERM; any open transaction was rolled back", args.command)
+    except Terminated as exc:
+        log.error("%s stopped by SIGTERM; %s", args.command, _what_happened(exc))
         return EXIT_TERMINATED
     except BrokenPipeError:
         # The reader went away (`| head`): not an error worth a message.
@@ -218,19 +244,66 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         )
         return EXIT_FAILED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, old in (previous or {}).items():
+            signal.signal(sig, old)
 
 
-def _on_sigterm_raise() -> signal.Handlers | Callable[..., object] | int | None:
-    """Make SIGTERM unwind like Ctrl-C (rollback, run recorded), returning the old handler."""
+def _what_happened(exc: BaseException) -> str:
+    # Code that knows better (a migration on MariaDB, which commits as it goes) adds a note.
+    notes = getattr(exc, "__notes__", None)
+    return notes[-1] if notes else "any open transaction was rolled back"
+
+
+# SIGTERM or Ctrl-C ends the process within this many seconds, whatever the database does.
+STOP_WITHIN_SECONDS = 8.0
+_stopping = threading.Event()
+
+
+def _on_signals_stop(own_process: bool) -> dict[int, Any] | None:
+    """Make SIGTERM and SIGINT unwind the command (rollback, run recorded failed).
+
+    Returns the previous handlers. The database statements under way are cancelled at
+    once, from another thread: the main thread may be waiting inside the driver.
+    """
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    def handler(_signum: int, _frame: object) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        if not _stopping.is_set():
+            _stopping.set()
+            _stop_database_work(signum, own_process)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt()
         raise Terminated()
 
-    return signal.signal(signal.SIGTERM, handler)
+    _stopping.clear()
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _stop_database_work(signum: int, own_process: bool) -> None:
+    interrupt = sys.modules.get("sync.interrupt")  # not loaded: no database work to stop
+    if interrupt is not None:
+        threading.Thread(target=interrupt.stop_everything, name="stop", daemon=True).start()
+    if not own_process:
+        return
+    code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
+
+    def give_up() -> None:
+        # The rollback and the run's failed row could not be written in time (a database
+        # that does not answer at all). Ending the process is what kill -9 would do: the
+        # database drops the transaction with the connection, and the next run marks this
+        # one abandoned.
+        log.error(
+            "could not stop cleanly within %gs (the database did not answer); exiting now. "
+            "Nothing was committed; the next run marks this one abandoned",
+            STOP_WITHIN_SECONDS,
+        )
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(STOP_WITHIN_SECONDS, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -248,10 +321,10 @@ def _read_input(path: str) -> bytes:
         raise ConfigError(f"cannot read --input {path}: {exc.strerror or exc}") from None
 
 
-def _open_engine(settings: Settings) -> Engine:
-    from sync.db import make_engine
+def _open_engine(settings: Settings, read_only: bool = False) -> Engine:
+    from sync.db import open_engine
 
-    return make_engine(settings.database.url, settings.database.schema)
+    return open_engine(settings.database, read_only=read_only)
 
 
 # Which exit code wins when accounts end differently: the one that needs a person most.
@@ -338,16 +411,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _require_tables(engine: Engine) -> bool:
+def _require_tables(engine: Engine) -> None:
     from sqlalchemy import inspect
+
+    from sync.db import safe_url
+    from sync.errors import NoDatabase
 
     # A plain look at the catalog: importing Alembic for this would double start-up time.
     if not inspect(engine).has_table("sync_runs"):
-        log.warning(
-            "the database has no ideogram-sync tables yet; run `ideogram-sync run` or `migrate`"
+        raise NoDatabase(
+            f"there is no synced database yet: {safe_url(engine.url)} has no ideogram-sync "
+            "tables; run `ideogram-sync run` first, or point --database-url at the database "
+            "the sync writes"
         )
-        return False
-    return True
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -361,11 +437,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be 1 or more")
     max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
     settings = _settings(args)
-    engine = _open_engine(settings)
+    engine = _open_engine(settings, read_only=True)
     try:
-        has_tables = _require_tables(engine)
-        runs = latest_runs(engine, args.limit) if has_tables else []
-        successes = last_success_by_account(engine) if has_tables else {}
+        _require_tables(engine)
+        runs = latest_runs(engine, args.limit)
+        successes = last_success_by_account(engine)
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "reading sync_runs") from exc
     finally:
@@ -422,14 +498,12 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     from sync.output import write_datasets
 
     settings = _settings(args)
-    engine = _open_engine(settings)
+    engine = _open_engine(settings, read_only=True)
     query = select(datasets).order_by(datasets.c.creation_time.desc(), datasets.c.dataset_id)
     if not args.include_deleted:
         query = query.where(datasets.c.deleted_at.is_(None))
     try:
-        if not _require_tables(engine):
-            write_datasets([], datasets.c.keys(), args.format, sys.stdout)
-            return EXIT_OK
+        _require_tables(engine)
         with engine.connect() as conn:
             # Streamed in chunks, so a large table is never held in memory at once.
             result = conn.execution_options(yield_per=1000).execute(query)

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from http import HTTPStatus
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -31,6 +31,14 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK = 256 * 1024
 # Bodies up to this size stay in memory; larger ones go to a file in TMPDIR.
 SPOOL_IN_MEMORY = 32 * 1024 * 1024
+
+
+class CancelFlag(Protocol):
+    """Anything that says whether to abandon the fetch (a threading.Event, say)."""
+
+    def is_set(self) -> bool:
+        """True once the fetch should be abandoned."""
+        ...
 
 
 def make_session(api: ApiSettings, api_key: str) -> requests.Session:
@@ -78,7 +86,7 @@ class Body:
 
 
 def fetch_datasets(
-    session: requests.Session, api: ApiSettings, cancel: threading.Event | None = None
+    session: requests.Session, api: ApiSettings, cancel: CancelFlag | None = None
 ) -> Body:
     """GET /datasets within api.deadline_seconds into a file (at 0); raise ApiError/AuthError/ResponseError.
 
@@ -119,7 +127,7 @@ class PendingFetch:
         self._deadline = time.monotonic() + api.deadline_seconds
         self._worker.start()
 
-    def result(self, cancel: threading.Event | None = None) -> Body:
+    def result(self, cancel: CancelFlag | None = None) -> Body:
         """The body; raise what the fetch raised, ApiError past the deadline, or Cancelled."""
         worker, deadline = self._worker, self._deadline
         while worker.is_alive() and time.monotonic() < deadline:

@@ -34,6 +34,11 @@ class DatabaseSettings:
     url: str = "sqlite:///ideogram_sync.db"
     # PostgreSQL only: the schema that holds every table, view and alembic_version.
     schema: str | None = None
+    # Nothing waits on the database without bound: connecting, a lock another session
+    # holds (a BI tool's open transaction, another run's write), one statement.
+    connect_timeout_seconds: float = 15.0
+    lock_timeout_seconds: float = 60.0
+    statement_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class SyncOptions:
     max_delete_fraction: float | None = None
     # Accounts synced at once by `run` and by each daemon slot.
     max_workers: int = 4
+    # A run, from its lease to its commit (fetch and database work), ends by then.
+    deadline_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,13 @@ class Settings:
 
 # Kinds of value a key takes; "duration" is seconds as a number or a string such as "30m".
 _SCHEMA: dict[str, dict[str, str]] = {
-    "database": {"url": "str", "schema": "str"},
+    "database": {
+        "url": "str",
+        "schema": "str",
+        "connect_timeout_seconds": "duration",
+        "lock_timeout_seconds": "duration",
+        "statement_timeout_seconds": "duration",
+    },
     "api": {
         "base_url": "str",
         "api_key_env": "str",
@@ -157,6 +170,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "lock_ttl_seconds": "duration",
         "max_delete_fraction": "number",
         "max_workers": "int",
+        "deadline_seconds": "duration",
     },
     "schedule": {
         "cron": "str",
@@ -297,6 +311,16 @@ def _check_values(s: Settings, origin: str) -> None:
         raise ConfigError(f"{origin}: api.max_response_bytes must be greater than 0")
     if api.deadline_seconds <= 0:
         raise ConfigError(f"{origin}: api.deadline_seconds must be greater than 0")
+    if s.sync.deadline_seconds <= 0:
+        raise ConfigError(f"{origin}: sync.deadline_seconds must be greater than 0")
+    for name in ("connect_timeout_seconds", "lock_timeout_seconds", "statement_timeout_seconds"):
+        if getattr(s.database, name) < 1:
+            raise ConfigError(f"{origin}: database.{name} must be at least 1 second")
+    if s.database.lock_timeout_seconds > s.database.statement_timeout_seconds:
+        raise ConfigError(
+            f"{origin}: database.lock_timeout_seconds must not exceed "
+            "database.statement_timeout_seconds (a lock wait is part of a statement)"
+        )
     if s.sync.lock_ttl_seconds < 5:
         raise ConfigError(f"{origin}: sync.lock_ttl_seconds must be at least 5")
     fraction = s.sync.max_delete_fraction
@@ -392,6 +416,10 @@ def load_settings(
         (api, "timeout_seconds"),
         (api, "deadline_seconds"),
         (sync_opts, "lock_ttl_seconds"),
+        (sync_opts, "deadline_seconds"),
+        (db, "connect_timeout_seconds"),
+        (db, "lock_timeout_seconds"),
+        (db, "statement_timeout_seconds"),
     ):
         if name in section:
             section[name] = parse_duration(section[name])

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import os
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -14,8 +19,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
-from sync import redact
-from sync.errors import ConfigError, DatabaseError, MigrationRequired
+from sync import interrupt, redact
+from sync.config import DatabaseSettings
+from sync.errors import ConfigError, DatabaseError, MigrationRequired, NoDatabase
 
 if TYPE_CHECKING:  # Alembic is imported only when migrating: `status` starts faster without it
     from alembic.config import Config
@@ -69,34 +75,57 @@ def safe_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def make_engine(url: str, schema: str | None = None) -> Engine:
-    """Create an Engine for `url` (and PostgreSQL `schema`); sessions run in UTC."""
-    parsed = normalize_url(url)
+def make_engine(url: str, schema: str | None = None, *, read_only: bool = False) -> Engine:
+    """An Engine for `url` (and PostgreSQL `schema`) with the default timeouts."""
+    return open_engine(DatabaseSettings(url=url, schema=schema), read_only=read_only)
+
+
+def open_engine(database: DatabaseSettings, *, read_only: bool = False) -> Engine:
+    """Create an Engine for the configured database: sessions in UTC, every wait bounded.
+
+    `read_only`: for commands that only read (status, datasets); on SQLite they then never
+    take the write lock, and a database that does not exist yet is not created.
+    """
+    parsed = normalize_url(database.url)
     backend = parsed.get_backend_name()
+    schema = database.schema
     if schema and backend != "postgresql":
         raise ConfigError(
             f"database.schema is only supported on PostgreSQL, not {backend}; "
             "on MariaDB/MySQL a schema is a database: name it in database.url"
         )
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    connect = math.ceil(database.connect_timeout_seconds)
+    lock_ms = round(database.lock_timeout_seconds * 1000)
+    statement_ms = round(database.statement_timeout_seconds * 1000)
     if backend == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            folder = Path(database).expanduser().resolve().parent
-            if not folder.is_dir():
-                raise ConfigError(
-                    f"the folder for the SQLite database {database} does not exist; create "
-                    f"{folder} or change database.url"
-                )
-        kwargs["connect_args"] = {"timeout": 30}
+        _check_sqlite_file(parsed.database, read_only)
+        # Lock waits happen in BEGIN IMMEDIATE, in slices (see _sqlite_transactions).
+        kwargs["connect_args"] = {"timeout": SQLITE_WAIT_SLICE_SECONDS}
     elif backend == "postgresql":
-        options = "-c timezone=UTC"
+        options = f"-c timezone=UTC -c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
         if schema:
             # Unqualified names (our tables, views, alembic_version) all resolve here.
             options += f" -c search_path={schema}"
-        kwargs["connect_args"] = {"options": options, "connect_timeout": 15}
+        kwargs["connect_args"] = {"options": options, "connect_timeout": connect}
+        # A peer that vanished (host down, network cut) is noticed by TCP within about a
+        # minute; a libpq parameter in the URL's query wins.
+        for name, value in _PG_KEEPALIVES.items():
+            if name not in parsed.query:
+                kwargs["connect_args"][name] = value
     elif backend in ("mysql", "mariadb"):
-        kwargs["connect_args"] = {"init_command": "SET time_zone = '+00:00'", "connect_timeout": 15}
+        # The server ends a statement after statement_timeout; the client's socket
+        # timeouts end a wait on a server that stopped answering at all.
+        kwargs["connect_args"] = {
+            "init_command": (
+                "SET time_zone = '+00:00', "
+                f"lock_wait_timeout = {math.ceil(database.lock_timeout_seconds)}, "
+                f"innodb_lock_wait_timeout = {math.ceil(database.lock_timeout_seconds)}"
+            ),
+            "connect_timeout": connect,
+            "read_timeout": math.ceil(database.statement_timeout_seconds) + SOCKET_MARGIN_SECONDS,
+            "write_timeout": math.ceil(database.statement_timeout_seconds) + SOCKET_MARGIN_SECONDS,
+        }
     try:
         engine = create_engine(parsed, **kwargs)
     except ModuleNotFoundError as exc:
@@ -107,22 +136,99 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
         ) from None
     except (ArgumentError, SQLAlchemyError) as exc:
         raise ConfigError(f"cannot use database.url {safe_url(parsed)}: {exc}") from None
+    if read_only:
+        engine = reading(engine)
     if backend == "sqlite":
-        _sqlite_transactions(engine)
+        _sqlite_transactions(engine, database.lock_timeout_seconds, wal=not read_only)
+    elif backend in ("mysql", "mariadb"):
+        _mysql_statement_timeout(engine, statement_ms)
+    interrupt.track(engine)
     return engine
 
 
-def _sqlite_transactions(engine: Engine) -> None:
+# Seconds: TCP keepalive probes after 30 s idle, every 10 s, 3 unanswered = gone; unacked
+# data for 60 s = gone.
+_PG_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+# A socket read on MariaDB/MySQL waits for a statement that the server itself ends
+# after statement_timeout; the margin lets the server's own error arrive first.
+SOCKET_MARGIN_SECONDS = 30
+# SQLite waits for another writer's lock this long at a time, so a signal is handled
+# between the waits (SQLite's own busy wait cannot be interrupted).
+SQLITE_WAIT_SLICE_SECONDS = 0.5
+READ_ONLY_OPTION = "ideogram_sync_read_only"
+
+
+def reading(engine: Engine) -> Engine:
+    """The same engine for work that only reads: on SQLite, a read transaction only."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
+
+
+def _check_sqlite_file(database: str | None, read_only: bool) -> None:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if read_only and not path.is_file():
+        raise NoDatabase(
+            f"there is no synced database yet: {path.resolve()} does not exist (database.url "
+            f"sqlite:///{database}); run `ideogram-sync run` first, or point --database-url "
+            "at the database the sync writes"
+        )
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(
+            f"the folder for the SQLite database {database} does not exist; create "
+            f"{folder} or change database.url"
+        )
+
+
+def _sqlite_transactions(engine: Engine, lock_timeout: float, wal: bool) -> None:
     # pysqlite opens transactions lazily (only before DML), so a read-then-write
-    # run would not be one transaction. Take over BEGIN, as SQLAlchemy's docs advise;
-    # IMMEDIATE takes the write lock up front so two writers queue instead of deadlocking.
+    # run would not be one transaction. Take over BEGIN, as SQLAlchemy's docs advise.
+    # Writers BEGIN IMMEDIATE: the write lock up front, so two writers queue instead of
+    # deadlocking. Readers BEGIN (deferred) and, in WAL mode, never block a writer.
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        if wal:
+            # WAL: readers see the last commit while a writer writes, and a writer
+            # commits while readers read. It is a property of the file, kept from
+            # then on; an in-memory database stays in its own mode.
+            mode = dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode not in ("wal", "memory"):
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        options = connection.get_execution_options()
+        if options.get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+            return
+        give_up = time.monotonic() + lock_timeout
+        while True:
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as exc:
+                if "locked" not in str(exc.orig) or time.monotonic() >= give_up:
+                    raise
+
+
+def _mysql_statement_timeout(engine: Engine, statement_ms: int) -> None:
+    # MariaDB bounds any statement (max_statement_time, seconds); MySQL only SELECTs
+    # (max_execution_time, milliseconds). Which one is known once connected.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            if "mariadb" in dbapi_connection.get_server_info().lower():
+                cursor.execute(f"SET SESSION max_statement_time = {statement_ms / 1000:.3f}")
+            else:
+                cursor.execute(f"SET SESSION max_execution_time = {statement_ms}")
 
 
 def migrations_dir() -> Path:
@@ -175,18 +281,51 @@ def head_revision() -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     """The migration the database is at (None for an empty database)."""
+    with reading(engine).connect() as connection:
+        return _revision(connection)
+
+
+def _revision(connection: Connection) -> str | None:
     # Alembic's own MigrationContext reads the same one-row table, but importing Alembic
     # costs a tenth of a second on every run; it is loaded only to migrate.
-    with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
     if len(versions) > 1:
         raise DatabaseError(
             "the database's alembic_version table has several heads; it was not migrated by "
             "ideogram-sync"
         )
     return str(versions[0][0]) if versions else None
+
+
+def known_revisions() -> set[str]:
+    """Every migration this version of the tool ships."""
+    with _plain_mako():
+        from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+def refuse_newer(revision: str | None) -> None:
+    """Raise MigrationRequired when a newer version of the tool migrated the database."""
+    if revision is None or revision in known_revisions():
+        return
+    from sync import __version__
+
+    raise MigrationRequired(
+        f"the database is at migration {revision}, which this version of ideogram-sync "
+        f"({__version__}) does not know: a newer version of ideogram-sync migrated it. "
+        "Upgrade ideogram-sync here (pip install -U ideogram-dataset-sync); nothing was changed"
+    )
+
+
+# MariaDB/MySQL commits each schema change as it is made: a migration stopped half-way
+# has left some of its changes, and is finished by running it again.
+RESUME_MIGRATION = (
+    "MariaDB/MySQL keeps the schema changes made so far (it commits each one at once); "
+    "run `ideogram-sync migrate` again to finish the migration"
+)
 
 
 def migrate(
@@ -200,11 +339,14 @@ def migrate(
     if schema:
         with engine.begin() as connection:
             connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-    before = current_revision(engine)
+    commits_ddl = engine.dialect.name in ("mysql", "mariadb")
     with _migration_lock(engine), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Held until this transaction commits: the next process sees our version.
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470021)")
+        # Read under the lock: a process that waited finds what the one before it did.
+        before = _revision(connection)
+        refuse_newer(before)
         try:
             command.upgrade(alembic_config(connection), target)
         except AlembicError as exc:
@@ -212,7 +354,16 @@ def migrate(
                 f"cannot migrate the database from {before or 'empty'}: {exc}; if a newer "
                 "ideogram-sync migrated it, upgrade this installation"
             ) from None
-    after = current_revision(engine)
+        except SQLAlchemyError as exc:
+            error = database_error(exc, engine.url, "migrating")
+            if commits_ddl:
+                raise DatabaseError(f"{error}. {RESUME_MIGRATION}") from exc
+            raise error from exc
+        except BaseException as exc:  # SIGTERM, Ctrl-C
+            if commits_ddl:
+                exc.add_note(f"the migration was stopped part-way. {RESUME_MIGRATION}")
+            raise
+        after = _revision(connection)
     if before != after:
         log.info("migrated database from %s to %s", before or "empty", after)
     return before, after
@@ -233,12 +384,14 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                 if name == "postgresql":
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7318470022)")
                 elif name in ("mysql", "mariadb"):
+                    # Waits as long as any lock may: database.lock_timeout_seconds.
                     got = conn.exec_driver_sql(
-                        f"SELECT GET_LOCK({_MYSQL_WRITE_LOCK}, 300)"
+                        f"SELECT GET_LOCK({_MYSQL_WRITE_LOCK}, @@SESSION.lock_wait_timeout)"
                     ).scalar()
                     if got != 1:
                         raise DatabaseError(
-                            "timed out after 300s waiting for another run's write to finish"
+                            "timed out waiting for another run's write to finish (waited "
+                            "database.lock_timeout_seconds); it is retried at the next run"
                         )
                 yield conn
         finally:
@@ -259,7 +412,9 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     with engine.connect() as holder:
-        got = holder.exec_driver_sql(f"SELECT GET_LOCK({_MYSQL_MIGRATE_LOCK}, 120)").scalar()
+        got = holder.exec_driver_sql(
+            f"SELECT GET_LOCK({_MYSQL_MIGRATE_LOCK}, @@SESSION.lock_wait_timeout)"
+        ).scalar()
         if got != 1:
             raise DatabaseError("timed out waiting for another process to finish migrating")
         try:
@@ -275,13 +430,75 @@ def database_error(exc: BaseException, url: str | URL, doing: str) -> DatabaseEr
     detail = " ".join(str(orig).split())
     if len(detail) > 300:
         detail = detail[:299] + "…"
-    if isinstance(exc, OperationalError | InterfaceError):
-        hint = "check that the database is reachable, writable and database.url is right"
-    else:
-        hint = "the database refused a statement; rerun with -v and report it if it persists"
     return DatabaseError(
         redact.redact(
             f"database error while {doing} ({safe_url(url)}): {type(orig).__name__}: {detail}; "
-            + hint
+            + _hint(exc, orig, url)
         )
     )
+
+
+# What a failure was, from the server's own code: PostgreSQL SQLSTATEs, MariaDB/MySQL
+# error numbers, SQLite result names.
+_LOCK_WAIT = {"55P03", 1205, "SQLITE_BUSY", "SQLITE_LOCKED"}
+_TOO_LONG = {"57014", 1969, 3024}
+_DISK_FULL = {"53100", 1021, 1114, "SQLITE_FULL"}
+_NO_CONNECTION = {1040, 1044, 1045, 1049, 1130, 1927}
+
+
+def _error_code(orig: BaseException) -> str | int | None:
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    if code is None and type(orig).__module__.startswith("pymysql") and orig.args:
+        code = orig.args[0]
+    return code
+
+
+def _hint(exc: BaseException, orig: BaseException, url: str | URL) -> str:
+    code = _error_code(orig)
+    if code in _LOCK_WAIT:
+        return (
+            "another session held a lock it needs for longer than database.lock_timeout_seconds "
+            "(another ideogram-sync run or migration, or a client such as a BI tool or pg_dump "
+            "with a transaction open on these tables); nothing was changed, and the next run "
+            "tries again"
+        )
+    if code in _TOO_LONG:
+        return (
+            "a statement ran longer than database.statement_timeout_seconds (or was cancelled); "
+            "nothing was changed. Check the database's load, or raise the timeout"
+        )
+    if code in _DISK_FULL:
+        return _disk_full_hint(url)
+    mysql_client_error = isinstance(code, int) and 2000 <= code < 3000
+    if code in _NO_CONNECTION or mysql_client_error:
+        return "check that the database is reachable, writable and database.url is right"
+    if isinstance(exc, InterfaceError) or (
+        isinstance(exc, OperationalError) and (code is None or str(code).startswith("08"))
+    ):
+        return "check that the database is reachable, writable and database.url is right"
+    return "the database refused a statement; rerun with -v and report it if it persists"
+
+
+def _disk_full_hint(url: str | URL) -> str:
+    parsed = url if isinstance(url, URL) else normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return "the database server's disk is full; free space there, then run again"
+    # SQLite also writes temporary files (sorts, temporary tables) outside the database's
+    # folder: to SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp.
+    places = [("the database's folder", Path(parsed.database or ".").resolve().parent)]
+    places.append(("SQLite's temporary files", Path(tempfile.gettempdir())))
+    tmp = os.environ.get("SQLITE_TMPDIR")
+    if tmp:
+        places[-1] = ("SQLite's temporary files (SQLITE_TMPDIR)", Path(tmp))
+    free = ", ".join(f"{what} {where}: {_free(where)} free" for what, where in places)
+    return (
+        f"a disk is full ({free}); free space, or point SQLITE_TMPDIR (or TMPDIR) at a "
+        "folder with room, then run again"
+    )
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"

@@ -36,6 +36,12 @@ class MigrationRequired(SyncError):
     exit_code = EXIT_USAGE
 
 
+class NoDatabase(SyncError):
+    """A reading command found no synced database (exit 2); nothing was created."""
+
+    exit_code = EXIT_USAGE
+
+
 class ApiError(SyncError):
     """The API could not be reached or answered with an error (exit 1)."""
 
@@ -66,6 +72,10 @@ class LockHeld(SyncError):
 
 class LockLost(SyncError):
     """The lease expired and another run took it over before this one committed (exit 1)."""
+
+
+class DeadlineExceeded(SyncError):
+    """The run did not finish within sync.deadline_seconds; it was stopped (exit 1)."""
 
 
 class MassDeleteRefused(SyncError):

@@ -14,17 +14,19 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import __version__, client, redact, runs, store
+from sync import __version__, client, interrupt, redact, runs, store
 from sync.config import Account, DatabaseSettings, Settings
 from sync.db import (
     SCHEMA_HEAD,
     current_revision,
     database_error,
     migrate,
+    refuse_newer,
     write_transaction,
 )
 from sync.errors import (
     Cancelled,
+    DeadlineExceeded,
     InvalidRecordsError,
     LockHeld,
     MigrationRequired,
@@ -64,6 +66,7 @@ def prepare_database(engine: Engine, database: DatabaseSettings, allow_migrate: 
         head = SCHEMA_HEAD
         if current == head:
             return
+        refuse_newer(current)
         if not allow_migrate:
             raise MigrationRequired(
                 f"the database is at migration {current or 'none (empty)'} but this version "
@@ -91,44 +94,27 @@ def sync_account(
     With a schedule `slot`, returns None without syncing when another replica already
     synced that slot. Setting `cancel` stops the run at its next safe point (rollback).
     """
-    url = settings.database.url
     started = time.monotonic()
     # A missing key is a configuration error: found before any lock or run row.
     api_key = account.api.key() if body is None else None
-    lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
-    try:
-        lease.acquire()
-    except SQLAlchemyError as exc:
-        raise database_error(exc, url, "taking the lock of the account") from exc
-    try:
-        try:
-            if slot is not None and runs.slot_taken(engine, account.name, slot):
-                log.info(
-                    "slot %s of account %s was already synced (by another replica); skipping",
-                    slot.isoformat(),
-                    account.name,
-                )
-                return None
-            run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
-        except SQLAlchemyError as exc:
-            raise database_error(exc, url, "recording the start of the run") from exc
-        # The run row exists from here on, so every way out must record how the run ended:
-        # the try starts right after it (only a signal inside start_run's own return, after
-        # the commit, can still leave the row `running`; the next run marks it abandoned).
-        progress = _Progress()
-        try:
-            log.info("run %d started for account %s", run_id, account.name)
-            fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
-            fetch = _fetcher(account, api_key, body, cancel, prefetched)
-            step = _checkpoint(cancel)
-            counts = _run(
-                settings, account, engine, lease, run_id, fetch, fraction, step, clock, progress
+    with interrupt.scope(f"the run of account {account.name}") as statements:
+        deadline = interrupt.Deadline(settings.sync.deadline_seconds, statements)
+        with deadline:
+            outcome = _under_lease(
+                settings,
+                account,
+                engine,
+                api_key,
+                body,
+                allow_mass_delete,
+                slot,
+                _Stop(cancel, deadline.expired, settings.sync.deadline_seconds),
+                clock,
+                prefetched,
             )
-        except BaseException as exc:
-            _record_failure(engine, url, run_id, exc, progress.applied, clock)
-            raise
-    finally:
-        lease.release()
+    if outcome is None:
+        return None
+    run_id, counts = outcome
     duration = time.monotonic() - started
     log.info(
         "run %d succeeded for account %s in %.2fs: seen=%d inserted=%d updated=%d "
@@ -151,6 +137,99 @@ def sync_account(
         },
     )
     return RunResult(run_id=run_id, account=account.name, counts=counts, duration_seconds=duration)
+
+
+class _Stop:
+    """Whether a run must stop at its next safe point: cancelled, or past its deadline."""
+
+    def __init__(
+        self, cancel: threading.Event | None, expired: threading.Event, deadline: float
+    ) -> None:
+        self._cancel = cancel
+        self.expired = expired
+        self.deadline = deadline
+
+    def is_set(self) -> bool:
+        """True once the run should stop."""
+        return self.expired.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def check(self) -> None:
+        """Raise Cancelled when the run should stop (the safe points between its steps)."""
+        if self.is_set():
+            raise Cancelled()
+
+    def explain(self, exc: BaseException) -> BaseException:
+        """What a run stopped by its deadline failed with: that, not what the stop caused."""
+        if self.expired.is_set() and isinstance(exc, SyncError | SQLAlchemyError | Cancelled):
+            return DeadlineExceeded(
+                f"the run did not finish within sync.deadline_seconds ({self.deadline:g}s) and "
+                "was stopped; nothing was changed. If the database was slow or waiting for a "
+                "lock, see the log for what it was doing; raise the deadline only if runs of "
+                "this size really take that long"
+            )
+        return exc
+
+
+def _under_lease(
+    settings: Settings,
+    account: Account,
+    engine: Engine,
+    api_key: str | None,
+    body: bytes | None,
+    allow_mass_delete: bool,
+    slot: datetime | None,
+    stop: _Stop,
+    clock: Callable[[], datetime],
+    prefetched: client.PendingFetch | None,
+) -> tuple[int, Counts] | None:
+    url = settings.database.url
+    lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
+    try:
+        lease.acquire()
+    except SQLAlchemyError as exc:
+        raise stop.explain(database_error(exc, url, "taking the lock of the account")) from exc
+    try:
+        try:
+            if slot is not None and runs.slot_taken(engine, account.name, slot):
+                log.info(
+                    "slot %s of account %s was already synced (by another replica); skipping",
+                    slot.isoformat(),
+                    account.name,
+                )
+                return None
+            run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
+        except SQLAlchemyError as exc:
+            error = database_error(exc, url, "recording the start of the run")
+            raise stop.explain(error) from exc
+        # The run row exists from here on, so every way out must record how the run ended:
+        # the try starts right after it (only a signal inside start_run's own return, after
+        # the commit, can still leave the row `running`; the next run marks it abandoned).
+        progress = _Progress()
+        try:
+            log.info("run %d started for account %s", run_id, account.name)
+            fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
+            fetch = _fetcher(account, api_key, body, stop, prefetched)
+            counts = _run(
+                settings,
+                account,
+                engine,
+                lease,
+                run_id,
+                fetch,
+                fraction,
+                stop.check,
+                clock,
+                progress,
+            )
+        except BaseException as exc:
+            failure = stop.explain(exc)
+            _record_failure(engine, url, run_id, failure, progress.applied, clock)
+            if failure is exc:
+                raise
+            raise failure from exc
+    finally:
+        lease.release()
+    return run_id, counts
 
 
 @dataclass
@@ -226,7 +305,7 @@ def _fetcher(
     account: Account,
     api_key: str | None,
     body: bytes | None,
-    cancel: threading.Event | None,
+    cancel: client.CancelFlag,
     prefetched: client.PendingFetch | None,
 ) -> Callable[[], client.Body]:
     def fetch() -> client.Body:
@@ -239,14 +318,6 @@ def _fetcher(
             return client.fetch_datasets(session, account.api, cancel)
 
     return fetch
-
-
-def _checkpoint(cancel: threading.Event | None) -> Callable[[], None]:
-    def step() -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-
-    return step
 
 
 @dataclass

@@ -156,8 +156,10 @@ class ListingStream:
             ) from None
         except json.JSONDecodeError as exc:
             where = self._offset + exc.pos
+            # Some of json's messages end in "at" already ("Unterminated string starting at").
+            at = "" if exc.msg.endswith(" at") else " at"
             raise ResponseError(
-                f"the API response is not valid JSON ({exc.msg} at character {where})"
+                f"the API response is not valid JSON ({exc.msg}{at} character {where})"
             ) from None
         except UnicodeDecodeError as exc:
             raise ResponseError(f"the API response is not valid JSON ({exc.reason})") from None

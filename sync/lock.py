@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import socket
@@ -9,10 +11,13 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from sync.db import reading
 from sync.errors import LockHeld, LockLost
 from sync.models import sync_locks
 
@@ -20,18 +25,36 @@ log = logging.getLogger(__name__)
 
 
 def make_owner() -> str:
-    """`host:pid:token`: who holds a lease; the token tells a reused pid apart."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """`host:pid:scope:token`: who holds a lease; the token tells a reused pid apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_scope()}:{uuid.uuid4().hex[:8]}"
+
+
+@functools.cache
+def _pid_scope() -> str:
+    """Where our pids mean something: this boot of this kernel and our PID namespace.
+
+    Containers may share a hostname while each has its own PID namespace (or runs on
+    another machine): a pid from another scope says nothing about a process here.
+    Empty where it cannot be known (no /proc): such a holder is never called dead.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:12]
 
 
 def _holder_is_dead(owner: str) -> bool:
-    # Only a holder on this host can be checked; elsewhere the lease must expire.
+    # Only a holder in our own scope can be checked; any other must let its lease expire.
+    # Owners written by older versions (host:pid:token) have no scope: never dead.
     try:
-        host, pid_text, _token = owner.rsplit(":", 2)
+        host, pid_text, scope, _token = owner.split(":")
         pid = int(pid_text)
     except ValueError:
         return False
-    if host != socket.gethostname() or pid <= 0:
+    here = _pid_scope()
+    if not here or scope != here or host != socket.gethostname() or pid <= 0:
         return False
     if pid == os.getpid():
         return False
@@ -66,9 +89,29 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease, or take over a dead holder's; raise LockHeld if a live run has it."""
         now = self.clock()
-        if not self._insert(now):
-            self._take_over(now)
+        # Look before writing: a live holder is found by a plain read, which never waits
+        # for the holder's open transaction (an INSERT over its row could, and on SQLite
+        # any write queues behind the holder's write transaction).
+        row = self._holder()
+        if row is None:
+            if self._insert(now):
+                self._start_renewing()
+                return
+            row = self._holder()
+            if row is None:
+                # Released between our insert and this read.
+                raise LockHeld(
+                    f"another run for account {self.account} started at the same moment; "
+                    "nothing was changed"
+                )
+        self._take_over(row, now)
         self._start_renewing()
+
+    def _holder(self) -> Row[Any] | None:
+        with reading(self.engine).connect() as conn:
+            return conn.execute(
+                select(sync_locks).where(sync_locks.c.account == self.account)
+            ).one_or_none()
 
     def _insert(self, now: datetime) -> bool:
         try:
@@ -85,19 +128,7 @@ class Lease:
             return False
         return True
 
-    def _take_over(self, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(sync_locks).where(sync_locks.c.account == self.account)
-            ).one_or_none()
-        if row is None:
-            # Released between our insert and this read: one more plain try.
-            if self._insert(now):
-                return
-            raise LockHeld(
-                f"another run for account {self.account} started at the same moment; "
-                "nothing was changed"
-            )
+    def _take_over(self, row: Row[Any], now: datetime) -> None:
         expired = row.expires_at <= now
         dead = _holder_is_dead(row.owner)
         if not (expired or dead):
@@ -124,18 +155,34 @@ class Lease:
         )
 
     def check(self, conn: Connection) -> None:
-        """Inside the data transaction: renew the lease, or raise LockLost if it was taken."""
-        now = self.clock()
-        renewed = conn.execute(
-            update(sync_locks)
-            .where(sync_locks.c.account == self.account, sync_locks.c.owner == self.owner)
-            .values(expires_at=now + self.ttl)
-        ).rowcount
-        if renewed != 1:
+        """Inside the data transaction: raise LockLost if another run took the lease over.
+
+        Only reads: a write would hold the lease row locked until the commit, and a
+        second run would queue behind it instead of exiting 5. Reading is enough, because
+        the data transaction holds the write lock: a run that took over cannot commit
+        before this one ends, and one that committed before it began is seen here.
+        """
+        owner = conn.execute(
+            select(sync_locks.c.owner).where(sync_locks.c.account == self.account)
+        ).scalar()
+        if owner != self.owner:
             raise LockLost(
                 f"the lock of account {self.account} expired and another run took it over "
                 "before this one could commit; nothing was changed (raise sync.lock_ttl_seconds "
                 "if runs take longer than it)"
+            )
+
+    def renew(self) -> None:
+        """Push the lease's expiry on, in a transaction of its own; LockLost if it was taken."""
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(sync_locks)
+                .where(sync_locks.c.account == self.account, sync_locks.c.owner == self.owner)
+                .values(expires_at=self.clock() + self.ttl)
+            ).rowcount
+        if renewed != 1:
+            raise LockLost(
+                f"the lock of account {self.account} expired and another run took it over"
             )
 
     def release(self) -> None:
@@ -160,8 +207,7 @@ class Lease:
         def renew() -> None:
             while not self._stop.wait(interval):
                 try:
-                    with self.engine.begin() as conn:
-                        self.check(conn)
+                    self.renew()
                 except LockLost as exc:
                     log.error("%s", exc)
                     return
@@ -173,8 +219,7 @@ class Lease:
 
 
 def _describe(owner: str) -> str:
-    try:
-        host, pid, _token = owner.rsplit(":", 2)
-    except ValueError:
+    parts = owner.split(":")
+    if len(parts) < 3:
         return owner
-    return f"{host} (pid {pid})"
+    return f"{parts[0]} (pid {parts[1]})"

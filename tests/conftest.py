@@ -78,6 +78,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def synced(cli: Any, fake_api: FakeApi, db_url: str) -> Iterator[str]:
+    """A database after one good sync of three datasets; the API then lists a change."""
+    from tests.fakeapi import dataset
+
+    fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
+    assert cli("--database-url", db_url, "run").code == 0
+    fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
+    yield db_url
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 

@@ -155,6 +155,20 @@ def test_unusable_bodies_raise(body: bytes, message: str) -> None:
         parse_listing(body)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"datasets": [{"name": "unterminated', "Unterminated string starting at character 23"),
+        (b'{"datasets": [}', "Expecting value at character 14"),
+    ],
+)
+def test_a_json_error_names_its_character_once(body: bytes, message: str) -> None:
+    with pytest.raises(ResponseError) as raised:
+        parse_listing(body)
+    assert message in str(raised.value)
+    assert " at at " not in str(raised.value)
+
+
 def test_empty_listing_is_valid() -> None:
     listing = parse_listing(b'{"datasets": []}')
     assert listing.rows == {} and listing.seen == 0 and listing.complete

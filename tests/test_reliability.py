@@ -60,15 +60,6 @@ def runs(url: str) -> list[dict[str, Any]]:
     return rows(url, "sync_runs", order="id")
 
 
-@pytest.fixture
-def synced(cli, fake_api: FakeApi, db_url: str) -> Iterator[str]:
-    """A database after one good sync of three datasets; the API then lists a change."""
-    fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
-    assert cli("--database-url", db_url, "run").code == 0
-    fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
-    yield db_url
-
-
 # -- overlapping runs -------------------------------------------------------------------
 
 
@@ -128,6 +119,8 @@ def test_expired_lease_is_taken_over(cli, synced: str) -> None:
 def test_dead_local_holder_is_taken_over_at_once(cli, synced: str) -> None:
     import socket
 
+    from sync.lock import _pid_scope
+
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
@@ -136,10 +129,36 @@ def test_dead_local_holder_is_taken_over_at_once(cli, synced: str) -> None:
     )
     pid = int(dead.stdout)
     now = datetime.now(UTC)
-    _put_lock(synced, f"{socket.gethostname()}:{pid}:abcd1234", now, now + timedelta(minutes=10))
+    owner = f"{socket.gethostname()}:{pid}:{_pid_scope()}:abcd1234"
+    _put_lock(synced, owner, now, now + timedelta(minutes=10))
     result = cli("--database-url", synced, "run")
     assert result.code == 0, result.err
     assert "its process no longer exists" in result.err
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        "{host}:{pid}:abcd1234",  # written by an older version: no scope to compare
+        "{host}:{pid}:0123456789ab:abcd1234",  # another PID namespace or another boot
+        "other-host:{pid}:{scope}:abcd1234",
+    ],
+)
+def test_a_holder_is_dead_only_when_its_pid_is_ours_to_check(owner: str) -> None:
+    import socket
+
+    from sync.lock import _holder_is_dead, _pid_scope
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = int(gone.stdout)
+    host, scope = socket.gethostname(), _pid_scope()
+    assert _holder_is_dead(f"{host}:{pid}:{scope}:abcd1234")
+    assert not _holder_is_dead(owner.format(host=host, pid=pid, scope=scope))
 
 
 def test_lost_lease_fails_the_commit(db_url: str) -> None:
