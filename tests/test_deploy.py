@@ -1,15 +1,19 @@
-"""The deployment files in deploy/: Kubernetes manifests, systemd units and the crontab.
+"""The deployment files in deploy/: Kubernetes manifests, the image, alert rules, systemd
+units and the crontab.
 
 Each file is parsed and checked against the code it drives: the command lines go through
-the real argument parser, the ConfigMap's TOML through the real settings loader, the units
-through `systemd-analyze verify`, and the crontab lines and the daemon's manifest are run
-for real against the fake API and a SQLite database.
+the real argument parser, the ConfigMap's TOML through the real settings loader, the
+manifests through the Kubernetes schemas of every supported release, the alert rules
+through `promtool`, the units through `systemd-analyze verify`, and the crontab lines, the
+daemon's manifest and the image's health check are run for real against the fake API.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
+import io
 import json
 import os
 import re
@@ -17,9 +21,13 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
 import tomllib
 import urllib.error
@@ -28,8 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
+from docker.utils.build import exclude_paths
 
 from sync.cli import build_parser
 from sync.config import Settings, load_settings, parse_duration
@@ -42,7 +52,16 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 CRONTAB = DEPLOY / "crontab"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PROMETHEUS = DEPLOY / "prometheus"
 DOCS = ROOT / "docs" / "deploy.md"
+README = ROOT / "README.md"
+
+# The oldest Kubernetes release the manifests support, as docs/deploy.md states it. It is
+# the one place the range starts: every newer release whose schema kubernetes-validate
+# bundles is checked as well (supported_kubernetes()).
+MIN_KUBERNETES = "1.26"
 
 # Where the units and the crontab expect the installed program.
 INSTALLED_BINARY = "/opt/ideogram-sync/venv/bin/ideogram-sync"
@@ -342,6 +361,67 @@ def test_deployment_probes_ports_and_grace(tmp_path: Path) -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def supported_kubernetes() -> list[str]:
+    """Every Kubernetes release from MIN_KUBERNETES on whose schema kubernetes-validate has."""
+    bundled = {
+        ".".join(version.split(".")[:2]) for version in kubernetes_validate.utils.all_versions()
+    }
+    return sorted(
+        (v for v in bundled if version_key(v) >= version_key(MIN_KUBERNETES)), key=version_key
+    )
+
+
+def manifest_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, document) for every YAML document in deploy/kubernetes/."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    for path in sorted(KUBERNETES.glob("*.y*ml")):
+        with path.open(encoding="utf-8") as fh:
+            found.extend((path.name, doc) for doc in yaml.safe_load_all(fh) if doc is not None)
+    return found
+
+
+def test_supported_kubernetes_releases_start_where_the_docs_say() -> None:
+    versions = supported_kubernetes()
+    # The oldest supported release must have a schema of its own: kubernetes-validate would
+    # otherwise check an older release's schema under its name.
+    assert versions[0] == MIN_KUBERNETES, versions
+    assert len(versions) >= 3, versions
+    stated: dict[str, set[str]] = {}
+    for path in (DOCS, README, *KUBERNETES.glob("*.yaml")):
+        for version in re.findall(r"Kubernetes (\d+\.\d+) or newer", path.read_text("utf-8")):
+            stated.setdefault(version, set()).add(path.relative_to(ROOT).as_posix())
+    assert "docs/deploy.md" in stated.get(MIN_KUBERNETES, set()), stated
+    assert set(stated) == {MIN_KUBERNETES}, stated
+
+
+@pytest.mark.parametrize("version", supported_kubernetes())
+def test_manifests_validate_against_the_kubernetes_schema(version: str) -> None:
+    """Strict: a field the release does not know, or a missing required one, is an error."""
+    errors = []
+    for name, doc in manifest_documents():
+        try:
+            checked = kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(part) for part in exc.absolute_path)
+            errors.append(f"{name} ({doc['kind']}): {where}: {exc.message}")
+            continue
+        # No quiet fallback to an older release's schema.
+        assert checked == version, (name, checked)
+    assert errors == [], "\n".join(errors)
+
+
+def test_strict_schema_check_rejects_an_unknown_field() -> None:
+    """The check above can fail: a misspelt field is an error, not silently dropped."""
+    deployment = manifests()["Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["healthCheck"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError, match="healthCheck"):
+        kubernetes_validate.validate(deployment, supported_kubernetes()[-1], strict=True)
+
+
 def test_dockerfile_matches_the_manifests() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
@@ -357,6 +437,476 @@ def test_dockerfile_matches_the_manifests() -> None:
     for copied in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE):
         for name in copied.split():
             assert (ROOT / name).exists(), name
+
+
+# -- the image: build context and health check ---------------------------------------
+
+# Directories and files a working tree collects that must stay out of the build context:
+# version control, virtual environments, caches, build output, databases, local configs.
+CLUTTER_DIRS = {
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    ".mypy_cache",
+    "build",
+    "dist",
+    "htmlcov",
+}
+CLUTTER_FILES = {"ideogram-sync.toml", ".env", ".coverage"}
+CLUTTER_SUFFIXES = (".db", ".db-journal", ".db-wal", ".pyc", ".egg-info")
+# A sample of such clutter, planted in a copy of the project.
+PLANTED = (
+    ".git/HEAD",
+    ".git/objects/ab/cdef0123",
+    ".venv/bin/python",
+    ".venv/lib/python3.11/site-packages/secret.py",
+    "venv/pyvenv.cfg",
+    ".ci/venv/bin/activate",
+    "benchmarks/venv/pyvenv.cfg",
+    "sync/.venv/pyvenv.cfg",
+    "sync/venv/lib/x.py",
+    "sync/__pycache__/cli.cpython-311.pyc",
+    "migrations/versions/__pycache__/x.cpython-311.pyc",
+    "sync/stray.pyc",
+    "ideogram_sync.db",
+    "ideogram_sync.db-journal",
+    "sync/ideogram_sync.db",
+    "migrations/test.db",
+    "ideogram-sync.toml",
+    "sync/ideogram-sync.toml",
+    ".env",
+    "sync/.env",
+    "build/lib/sync/cli.py",
+    "dist/ideogram_dataset_sync-0.1.0-py3-none-any.whl",
+    "ideogram_dataset_sync.egg-info/PKG-INFO",
+    "sync/ideogram_dataset_sync.egg-info/PKG-INFO",
+    ".pytest_cache/v/cache/lastfailed",
+    "tests/.pytest_cache/v/cache/nodeids",
+    ".hypothesis/examples/x",
+    ".ruff_cache/0.6.0/x",
+    ".coverage",
+    "benchmarks/results/run.json",
+)
+
+
+def is_clutter(path: str) -> bool:
+    *folders, name = path.split("/")
+    return (
+        any(f in CLUTTER_DIRS or f.endswith(CLUTTER_SUFFIXES) for f in folders)
+        or name in CLUTTER_FILES
+        or name.endswith(CLUTTER_SUFFIXES)
+    )
+
+
+def dockerfile_copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY in the Dockerfile, sources relative to the context."""
+    copies = []
+    for line in re.findall(r"^COPY (.+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M):
+        words = line.split()
+        assert not any(w.startswith("--") for w in words), f"unexpected COPY option: {line}"
+        copies.append((words[:-1], words[-1]))
+    return copies
+
+
+def files_under(root: Path, names: list[str]) -> set[str]:
+    found: set[str] = set()
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            found |= {p.relative_to(root).as_posix() for p in path.rglob("*") if p.is_file()}
+        else:
+            found.add(name)
+    return found
+
+
+def copied_files(root: Path) -> set[str]:
+    """Every file the Dockerfile COPYs out of the build context at root, clutter aside."""
+    names = [name for sources, _ in dockerfile_copies() for name in sources]
+    return {path for path in files_under(root, names) if not is_clutter(path)}
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """This project without its local clutter, then with PLANTED clutter added."""
+    tree = tmp_path / "tree"
+
+    def skip(_folder: str, names: list[str]) -> set[str]:
+        return {name for name in names if is_clutter(name) or name in CLUTTER_DIRS}
+
+    shutil.copytree(ROOT, tree, ignore=skip, symlinks=True)
+    for name in PLANTED:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("clutter\n", encoding="utf-8")
+    return tree
+
+
+def dockerignore_patterns() -> list[str]:
+    """.dockerignore's patterns: blank lines and # comments skipped, as Docker reads it."""
+    lines = (line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def docker_py_context(root: Path) -> set[str]:
+    """The files `docker build -f deploy/Dockerfile root` sends, as docker-py computes them."""
+    kept = exclude_paths(str(root), dockerignore_patterns(), dockerfile="deploy/Dockerfile")
+    return {Path(p).as_posix() for p in kept if (root / p).is_file()}
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_else(tmp_path: Path) -> None:
+    tree = project_copy(tmp_path)
+    context = docker_py_context(tree)
+    wanted = copied_files(tree)
+    assert {"pyproject.toml", "README.md", "sync/cli.py", "migrations/env.py"} <= wanted
+    assert wanted <= context, sorted(wanted - context)
+    # Docker always sends the Dockerfile and .dockerignore themselves.
+    assert context - wanted == {"deploy/Dockerfile", ".dockerignore"}
+    assert not [path for path in context if is_clutter(path)]
+    for name in PLANTED:
+        assert name not in context, name
+
+
+def test_dockerignore_on_this_working_tree() -> None:
+    """The real tree, with its .git, .venv and whatever else lies around right now."""
+    context = docker_py_context(ROOT)
+    assert copied_files(ROOT) <= context
+    assert not [path for path in context if is_clutter(path) or path.startswith(".ci/")]
+
+
+class FakeEngine(socketserver.ThreadingUnixStreamServer):
+    """Enough of the Docker Engine API for `docker build` to send its build context.
+
+    The docker CLI's legacy builder reads .dockerignore itself and sends the context as a
+    tar: the names in it are the build context, as Docker's own matcher decides.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, path: str) -> None:
+        self.names: list[str] | None = None
+        engine = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_HEAD(self) -> None:
+                self._answer(200, b"", "text/plain")
+
+            def do_GET(self) -> None:
+                self._answer(200, b"OK", "text/plain")
+
+            def do_POST(self) -> None:
+                if "/build" not in self.path:
+                    self._answer(404, b'{"message": "not here"}', "application/json")
+                    return
+                with tarfile.open(fileobj=io.BytesIO(self._body())) as tar:
+                    engine.names = [m.name for m in tar.getmembers() if m.isfile()]
+                self._answer(200, b'{"stream": "context received\\n"}\n', "application/json")
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Api-Version", "1.45")
+                self.send_header("Ostype", "linux")
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        super().__init__(path, Handler)
+
+
+def test_docker_cli_sends_the_same_context(tmp_path: Path) -> None:
+    """The docker CLI's own .dockerignore matching, against a fake engine: the same files."""
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("the docker CLI is not installed")
+    tree = project_copy(tmp_path)
+    # A socket path must stay under ~100 bytes; tmp_path may be longer.
+    folder = Path(tempfile.mkdtemp(prefix="ids-engine-"))
+    engine = FakeEngine(str(folder / "engine.sock"))
+    thread = threading.Thread(target=engine.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        done = subprocess.run(
+            [docker, "build", "--quiet", "--file", "deploy/Dockerfile", "."],
+            cwd=tree,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "HOME": str(tmp_path),
+                "DOCKER_CONFIG": str(tmp_path / "docker-config"),
+                "DOCKER_HOST": f"unix://{folder / 'engine.sock'}",
+                "DOCKER_BUILDKIT": "0",  # the legacy builder sends the context as one tar
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        engine.shutdown()
+        engine.server_close()
+        thread.join()
+        shutil.rmtree(folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert engine.names is not None, done.stderr
+    assert set(engine.names) == docker_py_context(tree)
+    assert len(engine.names) == len(set(engine.names))
+
+
+def healthcheck() -> tuple[dict[str, str], list[str]]:
+    """The Dockerfile's HEALTHCHECK: its options and its command (exec form)."""
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    lines = re.findall(r"^HEALTHCHECK (.+)$", text, re.M)
+    assert len(lines) == 1, f"the Dockerfile needs one HEALTHCHECK, not {len(lines)}"
+    line = lines[0]
+    options = dict(re.findall(r"--([a-z-]+)=(\S+)", line))
+    command = re.search(r"\bCMD (\[.*\])\s*$", line)
+    assert command, f"HEALTHCHECK needs CMD in exec form: {line}"
+    return options, json.loads(command.group(1))
+
+
+def local_healthcheck() -> list[str]:
+    """The HEALTHCHECK command with the image's paths mapped to this checkout."""
+    _, command = healthcheck()
+    # The slim image has python (and no curl).
+    assert command[0] == "python", command
+    copied = {destination: sources for sources, destination in dockerfile_copies()}
+    (source,) = copied[command[1]]
+    return [sys.executable, str(ROOT / source), *command[2:]]
+
+
+def seconds(text: str) -> float:
+    """A Docker duration such as 30s, 5m or 1m30s."""
+    parts = re.findall(r"(\d+)(h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return float(sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts))
+
+
+def test_healthcheck_is_bounded() -> None:
+    options, command = healthcheck()
+    timeout = seconds(options["timeout"])
+    assert timeout < seconds(options["interval"])
+    assert int(options["retries"]) >= 2
+    # The daemon answers /healthz only once the database is reachable and migrated, and
+    # 200 only after a first success: the start period covers a first sync.
+    assert seconds(options["start-period"]) >= 120
+    script = (ROOT / local_healthcheck()[1]).read_text(encoding="utf-8")
+    # It gives up on its own, before Docker kills it at --timeout, and says why.
+    own = re.search(r"^TIMEOUT_SECONDS = (\d+(?:\.\d+)?)", script, re.M)
+    assert own and float(own.group(1)) < timeout, command
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat_file.parent.name))
+    return found
+
+
+def namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("nsenter") is None:
+        return False
+    probe = [unshare, "--pid", "--fork", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def in_container(
+    tmp_path: Path, argv: list[str], env: dict[str, str]
+) -> Iterator[tuple[int, Path]]:
+    """Run argv as PID 1 of a new PID namespace with its own /proc, as a container does.
+
+    Yields that process's PID as seen from here, and the file its output goes to.
+    """
+    if not namespaces_work():
+        pytest.skip("needs unshare and nsenter, and the right to create a PID namespace")
+    log = tmp_path / f"container-{time.monotonic_ns()}.log"
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", *argv],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    pid = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not pid and time.monotonic() < deadline and proc.poll() is None:
+            pid = next(iter(children(proc.pid)), 0)
+            time.sleep(0.05)
+        assert pid, log.read_text(encoding="utf-8")
+        yield pid, log
+    finally:
+        # SIGTERM as `docker stop` sends it; an init that ignores it gets SIGKILL.
+        with contextlib.suppress(ProcessLookupError):
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+
+
+def run_healthcheck(pid: int, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's HEALTHCHECK command inside pid's container, as Docker runs it there:
+    with the container's environment and working directory."""
+    return subprocess.run(
+        ["nsenter", f"--target={pid}", "--pid", "--mount", *local_healthcheck()],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def image_env(
+    tmp_path: Path, api: FakeApi, port: int | None, database_url: str = ""
+) -> dict[str, str]:
+    """The environment of a container: the ConfigMap's config, with port on loopback (or none)."""
+    text = configmap_toml()
+    if port is None:
+        text = replace_once(text, r"^port = \d+\n", "")
+    else:
+        text = replace_once(text, r"^port = \d+$", f"port = {port}")
+    text = replace_once(text, r'^host = ".*"$', 'host = "127.0.0.1"')
+    text = replace_once(text, r"^jitter_seconds = .*$", "jitter_seconds = 0")
+    config = tmp_path / "ideogram-sync.toml"
+    config.write_text(text, encoding="utf-8")
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "IDEOGRAM_SYNC_CONFIG": str(config),
+        "IDEOGRAM_API_KEY": API_KEY,
+        "IDEOGRAM_API_BASE_URL": api.url,
+        "IDEOGRAM_SYNC_DATABASE_URL": database_url or f"sqlite:///{tmp_path / 'image.db'}",
+    }
+
+
+def wait_for(condition: Any, what: str, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if condition():
+                return
+        time.sleep(0.1)
+    pytest.fail(f"gave up waiting for {what}:\n{log.read_text(encoding='utf-8')}")
+
+
+def healthz(port: int) -> tuple[int, str]:
+    return get(f"http://127.0.0.1:{port}/healthz")
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["pid1", "under-an-init"])
+def test_healthcheck_passes_for_a_healthy_daemon(
+    fake_listing: FakeApi, tmp_path: Path, init: bool
+) -> None:
+    port = free_port()
+    argv = [str(wrapper(tmp_path)), "--log-format", "json", "daemon"]
+    if init:
+        # As with `docker run --init`: PID 1 is an init, the tool its child.
+        argv = [
+            "sh",
+            "-c",
+            'trap \'kill -TERM "$child"\' TERM; "$@" & child=$!; wait "$child"',
+            "init",
+            *argv,
+        ]
+    env = image_env(tmp_path, fake_listing, port)
+    with in_container(tmp_path, argv, env) as (pid, log):
+        wait_for(lambda: healthz(port)[0] == 200, "/healthz to answer 200", log)
+        checked = run_healthcheck(pid, env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "healthy: /healthz answered 200" in checked.stdout
+
+
+def test_healthcheck_fails_when_healthz_answers_503(fake_listing: FakeApi, tmp_path: Path) -> None:
+    fake_listing.rejected_keys.add(API_KEY)  # no success, so stale under max_age
+    port = free_port()
+    argv = [str(wrapper(tmp_path)), "--log-format", "json", "daemon"]
+    env = image_env(tmp_path, fake_listing, port)
+    with in_container(tmp_path, argv, env) as (pid, log):
+        wait_for(lambda: "no successful sync yet" in healthz(port)[1], "a 503", log)
+        checked = run_healthcheck(pid, env, tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "unhealthy: /healthz answered 503" in checked.stdout
+    assert "no successful sync yet" in checked.stdout
+
+
+def test_healthcheck_fails_when_nothing_answers_and_does_not_hang(
+    fake_listing: FakeApi, tmp_path: Path
+) -> None:
+    # The daemon opens its port only once the database answers, and this one never does.
+    port = free_port()
+    unreachable = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    env = image_env(tmp_path, fake_listing, port, database_url=unreachable)
+    argv = [str(wrapper(tmp_path)), "--log-format", "json", "daemon"]
+    with in_container(tmp_path, argv, env) as (pid, log):
+        wait_for(lambda: "database not ready" in log.read_text(encoding="utf-8"), "a retry", log)
+        refused = run_healthcheck(pid, env, tmp_path)
+        # Something that accepts connections and never answers: the check gives up.
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", port))
+            silent.listen(8)
+            hung = run_healthcheck(pid, env, tmp_path)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"unhealthy: no answer from http://127.0.0.1:{port}/healthz" in refused.stdout
+    assert hung.returncode == 1, hung.stdout + hung.stderr
+    assert "timed out" in hung.stdout
+
+
+def test_healthcheck_passes_for_a_one_shot_run(fake_listing: FakeApi, tmp_path: Path) -> None:
+    """`docker run IMAGE run` serves no HTTP, even with [metrics] port in its config."""
+    fake_listing.gate = threading.Event()  # the run waits for the API's answer
+    port = free_port()
+    argv = [str(wrapper(tmp_path)), "--log-format", "json", "run"]
+    env = image_env(tmp_path, fake_listing, port)
+    with in_container(tmp_path, argv, env) as (pid, log):
+        wait_for(lambda: bool(fake_listing.requests), "the run to call the API", log)
+        checked = run_healthcheck(pid, env, tmp_path)
+        fake_listing.gate.set()
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "runs `run`, not the daemon" in checked.stdout
+
+
+def test_healthcheck_passes_for_a_daemon_without_metrics(
+    fake_listing: FakeApi, tmp_path: Path
+) -> None:
+    argv = [str(wrapper(tmp_path)), "--log-format", "json", "daemon"]
+    env = image_env(tmp_path, fake_listing, None)
+    with in_container(tmp_path, argv, env) as (pid, log):
+        wait_for(lambda: "daemon_started" in log.read_text(encoding="utf-8"), "the daemon", log)
+        checked = run_healthcheck(pid, env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "[metrics] port is not set" in checked.stdout
 
 
 # -- systemd ------------------------------------------------------------------------
@@ -567,6 +1117,11 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
         assert proc.poll() is None, proc.communicate()
         assert health == (200, "ok\n")
         assert metrics[0] == 200 and success.search(metrics[1]), metrics
+        # IdeogramSyncRunsFailing (deploy/prometheus/alerts.yml) reads when each runs
+        # series was created from the ideogram_sync_runs_created beside it.
+        totals = set(re.findall(r"^ideogram_sync_runs_total(\{.*\}) ", metrics[1], re.M))
+        created = set(re.findall(r"^ideogram_sync_runs_created(\{.*\}) ", metrics[1], re.M))
+        assert totals and created == totals, metrics[1]
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=pod_spec(deployment)["terminationGracePeriodSeconds"])
     finally:
@@ -580,6 +1135,90 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
         assert event in events, stderr
 
 
+# -- alert rules --------------------------------------------------------------------
+
+
+def promtool() -> str:
+    """promtool's path; without it the test skips, except on CI, where it must be there."""
+    found = shutil.which("promtool")
+    if found is not None:
+        return found
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail("promtool is missing on CI: .ci/run installs it (Debian's prometheus package)")
+    pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+
+
+def test_promtool_is_required_on_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no promtool there
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        promtool()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="promtool is missing on CI"):
+        promtool()
+
+
+def test_alert_rules_pass_promtool() -> None:
+    """`promtool check rules` and the rules' unit tests in alerts.test.yml."""
+    program = promtool()
+    checked = subprocess.run(
+        [program, "check", "rules", "alerts.yml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 2 rules found" in checked.stdout, checked.stdout
+    tested = subprocess.run(
+        [program, "test", "rules", "alerts.test.yml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout, tested.stdout
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    with (PROMETHEUS / "alerts.yml").open(encoding="utf-8") as fh:
+        groups = yaml.safe_load(fh)["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    with (PROMETHEUS / "alerts.test.yml").open(encoding="utf-8") as fh:
+        unit_tests = yaml.safe_load(fh)
+    assert unit_tests["rule_files"] == ["alerts.yml"]
+    outcomes: dict[str, set[bool]] = {}
+    for case in unit_tests["tests"]:
+        for check in case.get("alert_rule_test", []):
+            outcomes.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
+    rules = alert_rules()
+    assert set(rules) == {"IdeogramSyncStale", "IdeogramSyncRunsFailing"}
+    for name in rules:
+        assert outcomes.get(name) == {True, False}, name
+
+
+def test_stale_alert_uses_the_configmap_max_age(tmp_path: Path) -> None:
+    expr = " ".join(alert_rules()["IdeogramSyncStale"]["expr"].split())
+    threshold = re.search(r"> (\d+) \* (\d+)$", expr)
+    assert threshold, expr
+    max_age = configmap_settings(tmp_path).schedule.max_age_seconds
+    assert int(threshold.group(1)) * int(threshold.group(2)) == max_age
+
+
+def test_deploy_doc_shows_the_alert_rules_file_as_it_is() -> None:
+    """The doc may show the rules, but only an exact copy of deploy/prometheus/alerts.yml."""
+    text = DOCS.read_text(encoding="utf-8")
+    rules = (PROMETHEUS / "alerts.yml").read_text(encoding="utf-8")
+    shown = [block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if "alert:" in block]
+    assert shown == [rules]
+
+
 # -- docs ---------------------------------------------------------------------------
 
 
@@ -589,5 +1228,6 @@ def test_deploy_doc_names_every_metric() -> None:
     for family in registry.collect():
         name = f"{family.name}_total" if family.type == "counter" else family.name
         assert name in text, name
-    for path in (*KUBERNETES.glob("*.yaml"), *SYSTEMD.iterdir(), CRONTAB, DEPLOY / "Dockerfile"):
+    files = [p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    for path in (*files, DOCKERIGNORE):
         assert path.relative_to(ROOT).as_posix() in text or path.name in text, path.name
