@@ -39,7 +39,8 @@ class Daemon:
         self.settings = settings
         self.allow_migrate = allow_migrate
         self.schedule = Schedule(settings.schedule)
-        self.metrics = Metrics()
+        # Every account's series exist from start-up (at 0), before its first run.
+        self.metrics = Metrics(account.name for account in settings.accounts)
         self.stopping = threading.Event()  # no new runs
         self.cancel = threading.Event()  # abort the running one
         self.idle = threading.Event()

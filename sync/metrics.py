@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,9 +14,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
+    disable_created_metrics,
     generate_latest,
 )
 
+from sync import __version__
 from sync.job import Outcome
 
 log = logging.getLogger(__name__)
@@ -24,11 +27,20 @@ log = logging.getLogger(__name__)
 # Runs take seconds to minutes; the buckets cover both ends.
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
+# Every value `record` can give each label: the series created at 0 at start-up.
+STATUSES = ("success", "failed", "locked", "skipped")
+CHANGES = ("inserted", "updated", "unchanged", "deleted", "rejected")
+
 
 class Metrics:
     """The daemon's metrics, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, accounts: Iterable[str] = ()) -> None:
+        """Create the metrics, with every series of each of `accounts` that can start at 0."""
+        # The *_created samples prometheus_client adds to counters and histograms double
+        # the series for no use here. The switch is process-global; this process serves
+        # no other Prometheus metrics.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.runs = Counter(
             "ideogram_sync_runs",
@@ -61,6 +73,30 @@ class Metrics:
             ["account"],
             registry=self.registry,
         )
+        self.build = Info(
+            "ideogram_sync_build",
+            "The running ideogram-sync version.",
+            registry=self.registry,
+        )
+        self.build.info({"version": __version__})
+        for account in accounts:
+            self._start(account)
+
+    def _start(self, account: str) -> None:
+        """Create the account's counters and histogram at 0.
+
+        A series that first appears with its first increment is invisible to increase()
+        and rate(), which need an earlier sample: a "two failures in an hour" alert saw
+        the first failure only as the series' start, and fired on the third.
+        The gauges are left out: last_success and datasets_active are read from the
+        database, and 0 would be a false reading (absent last_success means "never
+        succeeded"; 0 would read as "last success in 1970" or "no active datasets").
+        """
+        for status in STATUSES:
+            self.runs.labels(account, status)
+        for change in CHANGES:
+            self.rows.labels(account, change)
+        self.duration.labels(account)  # _count and _sum 0, every bucket 0
 
     def record(self, outcome: Outcome) -> None:
         """Count one account's run."""

@@ -7,7 +7,6 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from sync.config import ScheduleSettings
 from sync.errors import ConfigError
@@ -17,6 +16,44 @@ DEFAULT_INTERVAL_SECONDS = 30 * 60
 
 
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class AlignedIntervalTrigger(BaseTrigger):
+    """Fires on EPOCH + k x interval (UTC), whatever time the previous run had.
+
+    APScheduler's IntervalTrigger adds the interval to the previous fire time, so after
+    the start-up run (scheduled for "now", off the slots) every later run was off the
+    slots too: started at :01.25 with 10 s, it fired at :11.25, :21.25, ...
+    """
+
+    __slots__ = ("step",)
+
+    def __init__(self, seconds: float) -> None:
+        # Integer microseconds, so that every replica computes the identical slots.
+        self.step = round(seconds * 1_000_000)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first slot after the previous run's time, or at or after `now` without one."""
+        if previous_fire_time is not None:
+            # Strictly after: a run at exactly a slot was that slot's run.
+            return self.slot_at_or_before(previous_fire_time) + timedelta(microseconds=self.step)
+        elapsed = (now - EPOCH) // _MICROSECOND
+        slots = -(-elapsed // self.step)  # rounded up: a slot at exactly `now` is due now
+        return EPOCH + timedelta(microseconds=slots * self.step)
+
+    def slot_at_or_before(self, when: datetime) -> datetime:
+        """The latest slot at or before `when`, in UTC."""
+        elapsed = (when - EPOCH) // _MICROSECOND
+        return EPOCH + timedelta(microseconds=(elapsed // self.step) * self.step)
+
+    def __str__(self) -> str:
+        return f"every {timedelta(microseconds=self.step)}, aligned to the epoch (UTC)"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} (step={self.step}us)>"
 
 
 def cron_trigger(expression: str, zone: ZoneInfo) -> CronTrigger:
@@ -84,15 +121,14 @@ class Schedule:
         """The APScheduler trigger (no APScheduler jitter: it can fire before the slot)."""
         if self.cron:
             return cron_trigger(self.cron, self.zone)
-        return IntervalTrigger(seconds=self.interval, start_date=EPOCH, timezone=UTC)
+        assert self.interval is not None
+        return AlignedIntervalTrigger(self.interval)
 
     def slot_for(self, now: datetime) -> datetime:
         """The latest nominal fire time at or before `now`, in UTC."""
         if self.interval is not None:
-            # Integer microseconds, so that every replica computes the identical value.
-            step = round(self.interval * 1_000_000)
-            elapsed = (now - EPOCH) // timedelta(microseconds=1)
-            return EPOCH + timedelta(microseconds=(elapsed // step) * step)
+            # The trigger's own arithmetic, so a run's slot is always one the trigger fires on.
+            return AlignedIntervalTrigger(self.interval).slot_at_or_before(now)
         trigger = cron_trigger(self.cron or "", self.zone)
         window = timedelta(minutes=1)
         # Look back over a growing window until it holds a fire time, then walk it.

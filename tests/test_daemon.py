@@ -127,6 +127,71 @@ def test_slots_metrics_health_and_sigterm(
     assert all(s.microsecond == 0 for s in slots)
 
 
+def test_after_the_start_up_run_the_slots_are_aligned_to_the_epoch(
+    fake_api: FakeApi, sqlite_db: str, tmp_path: Path
+) -> None:
+    """Issue 15: the start-up run happens whenever the daemon starts; the runs after it fire
+    on the epoch-aligned slots, not at start + k x interval."""
+    fake_api.datasets = [dataset("a")]
+    interval = timedelta(seconds=3)
+    config = '[schedule]\ninterval = "3s"\n'  # run_on_start = true, the default
+    proc = daemon(fake_api, sqlite_db, tmp_path, config, "--log-format", "json")
+    until(lambda: len(successes(sqlite_db)) >= 2, proc=proc)
+    code, err = stop(proc)
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    announced = [
+        datetime.fromisoformat(line["next_run"]) for line in lines if line["event"] == "next_run"
+    ]
+    assert announced, err
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    # The first one is logged right after the start-up run.
+    assert all((when - epoch) % interval == timedelta(0) for when in announced), announced
+    first, second = successes(sqlite_db)[:2]
+    # The start-up run syncs the current slot, the next run a slot that was announced (the
+    # first one, unless the start-up run was still going at that slot: max_instances=1).
+    assert second["scheduled_for"].replace(tzinfo=UTC) in announced
+    assert first["scheduled_for"] < second["scheduled_for"]
+
+
+def test_every_accounts_series_starts_at_0_before_any_run(
+    fake_api: FakeApi, sqlite_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: increase() over a series that appears at its first failure misses that
+    failure; every account's series exist at 0 from the start, without *_created series."""
+    import sync
+
+    monkeypatch.setenv("KEY_ONE", "sk-one")
+    monkeypatch.setenv("KEY_TWO", "sk-two")
+    port = free_port()
+    config = (
+        # No run during the test: a yearly slot and none at start-up.
+        '[schedule]\ncron = "0 0 1 1 *"\nrun_on_start = false\n'
+        f'[metrics]\nport = {port}\nhost = "127.0.0.1"\n'
+        '[[accounts]]\nname = "one"\napi_key_env = "KEY_ONE"\n'
+        '[[accounts]]\nname = "two"\napi_key_env = "KEY_TWO"\n'
+    )
+    proc = daemon(fake_api, sqlite_db, tmp_path, config)
+    status, text = until(lambda: get(f"http://127.0.0.1:{port}/metrics"), proc=proc)
+    code, err = stop(proc)
+    assert code == 0, err
+    assert status == 200
+    assert rows(sqlite_db, "sync_runs") == []  # really before any run
+    samples = set(text.splitlines())
+    for account in ("one", "two"):
+        for run_status in ("success", "failed", "locked", "skipped"):
+            line = f'ideogram_sync_runs_total{{account="{account}",status="{run_status}"}} 0.0'
+            assert line in samples, text
+        for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
+            line = f'ideogram_sync_rows_total{{account="{account}",change="{change}"}} 0.0'
+            assert line in samples, text
+        assert f'ideogram_sync_run_duration_seconds_count{{account="{account}"}} 0.0' in samples
+        # Absent means never succeeded; 0 would read as "last success in 1970".
+        assert f'ideogram_sync_last_success_timestamp_seconds{{account="{account}"}}' not in text
+    assert "_created" not in text, text
+    assert f'ideogram_sync_build_info{{version="{sync.__version__}"}} 1.0' in samples, text
+
+
 def test_failing_runs_do_not_stop_it_and_health_says_why(
     fake_api: FakeApi, sqlite_db: str, tmp_path: Path
 ) -> None:
@@ -261,6 +326,27 @@ def test_interval_slots_are_aligned_to_the_epoch() -> None:
     assert schedule.slot_for(now) == datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
     nxt = schedule.trigger().get_next_fire_time(None, now)
     assert nxt == datetime(2026, 11, 25, 11, 0, tzinfo=UTC)
+
+
+def test_an_off_slot_start_up_run_is_followed_by_the_aligned_slots() -> None:
+    """Issue 15: started at :01.25 with a 10 s interval, the start-up run belongs to the :00
+    slot and the scheduler fires next at :10, :20, :30, not at :11.25, :21.25."""
+    schedule = Schedule(ScheduleSettings(interval_seconds=10))
+    trigger = schedule.trigger()
+    start = datetime(2026, 11, 25, 10, 0, 1, 250000, tzinfo=UTC)
+    assert schedule.slot_for(start) == datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    fires = []
+    previous = start  # APScheduler passes the start-up run's time as the previous fire time
+    for _ in range(3):
+        previous = trigger.get_next_fire_time(previous, start)
+        fires.append(previous)
+    assert fires == [datetime(2026, 11, 25, 10, 0, s, tzinfo=UTC) for s in (10, 20, 30)]
+    # A start-up run exactly on a slot is that slot's run: the next one is a full step on.
+    on_slot = datetime(2026, 11, 25, 10, 0, 10, tzinfo=UTC)
+    assert trigger.get_next_fire_time(on_slot, on_slot) == on_slot + timedelta(seconds=10)
+    # Without a previous run (run_on_start = false): the first slot at or after now.
+    assert trigger.get_next_fire_time(None, start) == fires[0]
+    assert trigger.get_next_fire_time(None, on_slot) == on_slot
 
 
 def test_cron_slots_in_a_time_zone() -> None:
