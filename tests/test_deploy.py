@@ -41,6 +41,7 @@ import pytest
 import yaml
 from docker.utils.build import exclude_paths
 
+from sync import __version__
 from sync.cli import build_parser
 from sync.config import Settings, load_settings, parse_duration
 from sync.metrics import Metrics
@@ -1117,11 +1118,41 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
         assert proc.poll() is None, proc.communicate()
         assert health == (200, "ok\n")
         assert metrics[0] == 200 and success.search(metrics[1]), metrics
-        # IdeogramSyncRunsFailing (deploy/prometheus/alerts.yml) reads when each runs
-        # series was created from the ideogram_sync_runs_created beside it.
-        totals = set(re.findall(r"^ideogram_sync_runs_total(\{.*\}) ", metrics[1], re.M))
-        created = set(re.findall(r"^ideogram_sync_runs_created(\{.*\}) ", metrics[1], re.M))
-        assert totals and created == totals, metrics[1]
+        # IdeogramSyncRunsFailing (deploy/prometheus/alerts.yml) counts the whole value of
+        # a series with no sample from before the hour: every configured account's series
+        # exist at 0 from start-up. sync/metrics.py turns off prometheus_client's *_created
+        # series.
+        assert "_created" not in metrics[1], metrics[1]
+        samples = {
+            (name, labels): float(value)
+            for name, labels, value in re.findall(r"^(\w+)(\{.*\})? (\S+)$", metrics[1], re.M)
+        }
+        accounts = [a.name for a in load_settings(str(config), env={}).accounts]
+        assert accounts == ["default"]
+        runs = {
+            labels: value
+            for (name, labels), value in samples.items()
+            if name == "ideogram_sync_runs_total"
+        }
+        expected = {
+            f'{{account="{account}",status="{status}"}}': status
+            for account in accounts
+            for status in ("success", "failed", "locked", "skipped")
+        }
+        assert set(runs) == set(expected), metrics[1]
+        for labels, status in expected.items():
+            # The start-up run has succeeded (checked above); nothing else has happened.
+            assert (runs[labels] >= 1) if status == "success" else (runs[labels] == 0), labels
+        for account in accounts:
+            for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
+                labels = f'{{account="{account}",change="{change}"}}'
+                assert ("ideogram_sync_rows_total", labels) in samples, labels
+            labels = f'{{account="{account}"}}'
+            assert ("ideogram_sync_run_duration_seconds_count", labels) in samples, labels
+        assert samples[("ideogram_sync_build_info", f'{{version="{__version__}"}}')] == 1
+        assert [key for key in samples if key[0] == "ideogram_sync_build_info"] == [
+            ("ideogram_sync_build_info", f'{{version="{__version__}"}}')
+        ]
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=pod_spec(deployment)["terminationGracePeriodSeconds"])
     finally:
@@ -1226,7 +1257,8 @@ def test_deploy_doc_names_every_metric() -> None:
     text = DOCS.read_text(encoding="utf-8")
     registry = Metrics().registry
     for family in registry.collect():
-        name = f"{family.name}_total" if family.type == "counter" else family.name
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        name = family.name + suffix
         assert name in text, name
     files = [p for p in DEPLOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     for path in (*files, DOCKERIGNORE):
