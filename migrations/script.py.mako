@@ -10,6 +10,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 ${imports if imports else ""}
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
 
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}

@@ -8,8 +8,12 @@ Create Date: 2026-11-25
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import mysql, postgresql
+
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -26,7 +30,8 @@ MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 
 
 def upgrade() -> None:
-    op.create_table(
+    # Each step skips itself when done: see migrations/resumable.py.
+    resumable.create_table(
         "datasets",
         sa.Column("dataset_id", sa.String(255), nullable=False),
         sa.Column("account", sa.String(255), nullable=False),
@@ -43,12 +48,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("dataset_id", name="pk_datasets"),
         **MYSQL_TABLE_ARGS,
     )
-    op.create_index("ix_datasets_user_id", "datasets", ["user_id"])
-    op.create_index("ix_datasets_creation_time", "datasets", ["creation_time"])
-    op.create_index("ix_datasets_deleted_at", "datasets", ["deleted_at"])
-    op.create_index("ix_datasets_account", "datasets", ["account"])
+    resumable.create_index("ix_datasets_user_id", "datasets", ["user_id"])
+    resumable.create_index("ix_datasets_creation_time", "datasets", ["creation_time"])
+    resumable.create_index("ix_datasets_deleted_at", "datasets", ["deleted_at"])
+    resumable.create_index("ix_datasets_account", "datasets", ["account"])
 
-    op.create_table(
+    resumable.create_table(
         "sync_runs",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("account", sa.String(255), nullable=False),
@@ -65,14 +70,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_sync_runs"),
         **MYSQL_TABLE_ARGS,
     )
-    op.create_index("ix_sync_runs_account_started_at", "sync_runs", ["account", "started_at"])
+    resumable.create_index(
+        "ix_sync_runs_account_started_at", "sync_runs", ["account", "started_at"]
+    )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_sync_runs_account_started_at", table_name="sync_runs")
-    op.drop_table("sync_runs")
-    op.drop_index("ix_datasets_account", table_name="datasets")
-    op.drop_index("ix_datasets_deleted_at", table_name="datasets")
-    op.drop_index("ix_datasets_creation_time", table_name="datasets")
-    op.drop_index("ix_datasets_user_id", table_name="datasets")
-    op.drop_table("datasets")
+    resumable.drop_index("ix_sync_runs_account_started_at", "sync_runs")
+    resumable.drop_table("sync_runs")
+    resumable.drop_index("ix_datasets_account", "datasets")
+    resumable.drop_index("ix_datasets_deleted_at", "datasets")
+    resumable.drop_index("ix_datasets_creation_time", "datasets")
+    resumable.drop_index("ix_datasets_user_id", "datasets")
+    resumable.drop_table("datasets")

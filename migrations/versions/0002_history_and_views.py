@@ -11,6 +11,11 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql, postgresql
 
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
+
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -41,7 +46,8 @@ def _day(dialect: str, column: str) -> str:
 
 
 def upgrade() -> None:
-    op.create_table(
+    # Each step skips itself when done: see migrations/resumable.py.
+    resumable.create_table(
         "dataset_history",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("dataset_id", sa.String(255), nullable=False),
@@ -59,32 +65,35 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_dataset_history"),
         **MYSQL_TABLE_ARGS,
     )
-    op.create_index(
+    resumable.create_index(
         "ix_dataset_history_dataset_id_valid_to", "dataset_history", ["dataset_id", "valid_to"]
     )
-    op.create_index("ix_dataset_history_valid_from", "dataset_history", ["valid_from"])
-    op.create_index("ix_dataset_history_sync_run_id", "dataset_history", ["sync_run_id"])
+    resumable.create_index("ix_dataset_history_valid_from", "dataset_history", ["valid_from"])
+    resumable.create_index("ix_dataset_history_sync_run_id", "dataset_history", ["sync_run_id"])
 
     # Backfill: every dataset already stored gets one current version, as of its
-    # last change; a soft-deleted one is current as a `delete` version.
+    # last change; a soft-deleted one is current as a `delete` version. Only datasets
+    # without a version: on MariaDB/MySQL the next CREATE VIEW commits this INSERT, and
+    # a migration stopped after that runs it again.
     op.execute(
         "INSERT INTO dataset_history (dataset_id, account, name, user_id, creation_time, "
         "cover_asset_type, cover_asset_id, extra, valid_from, valid_to, change_type, sync_run_id) "
         "SELECT dataset_id, account, name, user_id, creation_time, cover_asset_type, "
         "cover_asset_id, extra, updated_at, NULL, "
         "CASE WHEN deleted_at IS NULL THEN 'insert' ELSE 'delete' END, last_sync_run_id "
-        "FROM datasets"
+        "FROM datasets d WHERE NOT EXISTS "
+        "(SELECT 1 FROM dataset_history h WHERE h.dataset_id = d.dataset_id)"
     )
 
     dialect = op.get_bind().dialect.name
-    op.execute(
-        "CREATE VIEW datasets_current AS "
+    resumable.replace_view(
+        "datasets_current",
         "SELECT dataset_id, account, name, user_id, creation_time, cover_asset_type, "
         "cover_asset_id, extra, first_seen_at, updated_at, last_sync_run_id "
-        "FROM datasets WHERE deleted_at IS NULL"
+        "FROM datasets WHERE deleted_at IS NULL",
     )
-    op.execute(
-        "CREATE VIEW sync_runs_latest AS "
+    resumable.replace_view(
+        "sync_runs_latest",
         "SELECT r.account, r.id AS run_id, r.started_at, r.finished_at, r.status, "
         "r.datasets_seen, r.inserted, r.updated, r.unchanged, r.deleted, r.rejected, r.error, "
         f"{_age(dialect, 'COALESCE(r.finished_at, r.started_at)')} AS age_seconds, "
@@ -93,24 +102,24 @@ def upgrade() -> None:
         "FROM sync_runs r "
         "JOIN (SELECT account, MAX(id) AS id FROM sync_runs GROUP BY account) l ON l.id = r.id "
         "LEFT JOIN (SELECT account, MAX(finished_at) AS last_success_at FROM sync_runs "
-        "WHERE status = 'success' GROUP BY account) s ON s.account = r.account"
+        "WHERE status = 'success' GROUP BY account) s ON s.account = r.account",
     )
     day = _day(dialect, "started_at")
-    op.execute(
-        "CREATE VIEW sync_daily AS "
+    resumable.replace_view(
+        "sync_daily",
         f"SELECT {day} AS day, account, COUNT(*) AS runs, "
         "SUM(CASE WHEN status = 'success' THEN 1 ELSE 0 END) AS successes, "
         "SUM(CASE WHEN status IN ('failed', 'abandoned') THEN 1 ELSE 0 END) AS failures, "
         "SUM(inserted) AS inserted, SUM(updated) AS updated, SUM(deleted) AS deleted, "
         "SUM(rejected) AS rejected "
-        f"FROM sync_runs GROUP BY {day}, account"
+        f"FROM sync_runs GROUP BY {day}, account",
     )
 
 
 def downgrade() -> None:
     for view in reversed(VIEWS):
-        op.execute(f"DROP VIEW IF EXISTS {view}")
-    op.drop_index("ix_dataset_history_sync_run_id", table_name="dataset_history")
-    op.drop_index("ix_dataset_history_valid_from", table_name="dataset_history")
-    op.drop_index("ix_dataset_history_dataset_id_valid_to", table_name="dataset_history")
-    op.drop_table("dataset_history")
+        resumable.drop_view(view)
+    resumable.drop_index("ix_dataset_history_sync_run_id", "dataset_history")
+    resumable.drop_index("ix_dataset_history_valid_from", "dataset_history")
+    resumable.drop_index("ix_dataset_history_dataset_id_valid_to", "dataset_history")
+    resumable.drop_table("dataset_history")

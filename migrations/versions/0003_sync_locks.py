@@ -8,8 +8,12 @@ Create Date: 2026-11-25
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import mysql
+
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -21,7 +25,8 @@ MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 
 
 def upgrade() -> None:
-    op.create_table(
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.create_table(
         "sync_locks",
         sa.Column("account", sa.String(255), nullable=False),
         sa.Column("owner", sa.String(255), nullable=False),
@@ -33,4 +38,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("sync_locks")
+    resumable.drop_table("sync_locks")

@@ -14,6 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
+
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
@@ -44,10 +49,13 @@ def _utc(value: datetime | str) -> datetime:
 
 
 def upgrade() -> None:
-    op.add_column("datasets", sa.Column("content_hash", sa.String(32), nullable=True))
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.add_column("datasets", sa.Column("content_hash", sa.String(32), nullable=True))
     # Backfill from what is stored. A number that a JSON column normalised (PostgreSQL
     # JSONB turns 1e23 into an integer) may hash differently from the API's spelling;
-    # such a row is rewritten once, as an update, on its next sync.
+    # such a row is rewritten once, as an update, on its next sync. Only rows without a
+    # digest: run again after a stop (MariaDB/MySQL keep the new column), it redoes nothing
+    # that was kept.
     datasets = sa.table(
         "datasets",
         sa.column("dataset_id", sa.String),
@@ -69,7 +77,7 @@ def upgrade() -> None:
             datasets.c.cover_asset_type,
             datasets.c.cover_asset_id,
             datasets.c.extra,
-        )
+        ).where(datasets.c.content_hash.is_(None))
     ).all()
     update = (
         sa.update(datasets)
@@ -100,6 +108,8 @@ def downgrade() -> None:
         # See 0004: the views name the table that batch mode rebuilds.
         op.execute("PRAGMA legacy_alter_table = ON")
     with op.batch_alter_table("datasets") as batch:
-        batch.drop_column("content_hash")
+        # Only if still there: a stopped downgrade is finished by running it again.
+        if resumable.has_column("datasets", "content_hash"):
+            batch.drop_column("content_hash")
     if sqlite:
         op.execute("PRAGMA legacy_alter_table = OFF")

@@ -10,6 +10,11 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
@@ -17,8 +22,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("sync_runs") as batch:
-        batch.add_column(sa.Column("listing_digest", sa.String(64), nullable=True))
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.add_column("sync_runs", sa.Column("listing_digest", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
@@ -28,6 +33,8 @@ def downgrade() -> None:
         # refuses the final rename because the views name sync_runs.
         op.execute("PRAGMA legacy_alter_table = ON")
     with op.batch_alter_table("sync_runs") as batch:
-        batch.drop_column("listing_digest")
+        # Only if still there: a stopped downgrade is finished by running it again.
+        if resumable.has_column("sync_runs", "listing_digest"):
+            batch.drop_column("listing_digest")
     if sqlite:
         op.execute("PRAGMA legacy_alter_table = OFF")

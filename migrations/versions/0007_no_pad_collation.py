@@ -28,7 +28,32 @@ NO_PAD = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin")
 
 def _convert(collation: str) -> None:
     for table in TABLES:
-        op.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}")
+        # Run again after a stop, a table converted before it is skipped: converting it
+        # once more would change nothing, but rebuild every row of it.
+        if not _collated(table, collation):
+            op.execute(f"ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}")
+
+
+def _collated(table: str, collation: str) -> bool:
+    """Whether `table` and every text column of it have `collation` already."""
+    bind = op.get_bind()
+    where = {"table": table}
+    found = bind.execute(
+        sa.text(
+            "SELECT TABLE_COLLATION FROM information_schema.TABLES "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table"
+        ),
+        where,
+    ).scalars()
+    columns = bind.execute(
+        sa.text(
+            "SELECT COLLATION_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table "
+            "AND COLLATION_NAME IS NOT NULL"
+        ),
+        where,
+    ).scalars()
+    return {*found, *columns} == {collation}
 
 
 def upgrade() -> None:

@@ -13,6 +13,11 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+try:  # installed, editable or not: the package sync.migrations
+    from sync.migrations import resumable
+except ModuleNotFoundError:  # `alembic` in a checkout whose sync/ is not the installed one
+    from migrations import resumable
+
 revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -20,8 +25,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("datasets") as batch:
-        batch.add_column(sa.Column("record_digest", sa.String(32), nullable=True))
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.add_column("datasets", sa.Column("record_digest", sa.String(32), nullable=True))
 
 
 def downgrade() -> None:
@@ -31,6 +36,8 @@ def downgrade() -> None:
         # refuses the final rename because the views name datasets.
         op.execute("PRAGMA legacy_alter_table = ON")
     with op.batch_alter_table("datasets") as batch:
-        batch.drop_column("record_digest")
+        # Only if still there: a stopped downgrade is finished by running it again.
+        if resumable.has_column("datasets", "record_digest"):
+            batch.drop_column("record_digest")
     if sqlite:
         op.execute("PRAGMA legacy_alter_table = OFF")
