@@ -1,4 +1,5 @@
-"""The SQL in docs/schema.md runs, and answers right, on every backend it is written for."""
+"""The SQL in docs/schema.md runs, and answers right, on every backend it is written for;
+docs/bi.md's read-only user recipes grant what they say."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from sync.db import make_engine
+from sync.db import make_engine, migrate
 from tests.conftest import rows
 from tests.fakeapi import FakeApi, Reply, dataset
 
@@ -299,3 +300,105 @@ def test_answers_do_not_depend_on_the_session_time_zone(synced_server: str) -> N
 
 def _without(row: dict[str, Any], keys: set[str]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in keys}
+
+
+BI_DOC = SCHEMA_DOC.with_name("bi.md")
+# What docs/bi.md's "What to read" sends analysts to, and the tool's own bookkeeping.
+ANALYST_OBJECTS = {
+    "datasets",
+    "dataset_history",
+    "sync_runs",
+    "datasets_current",
+    "sync_runs_latest",
+    "sync_daily",
+}
+BOOKKEEPING = {"sync_locks", "alembic_version"}
+BI_RECIPES = {"postgresql": "PostgreSQL", "mysql": "MariaDB / MySQL"}
+BI_PASSWORD = "change-me"
+
+
+def bi_recipe(backend: str, database: str, user: str) -> list[str]:
+    """docs/bi.md's read-only user recipe for `backend`, one statement each, for `database`
+    and `user` instead of `ideogram` and `ideogram_bi` (users and roles are server-wide)."""
+    blocks = sql_blocks(BI_DOC.read_text(encoding="utf-8"))
+    (block,) = [b for b in blocks if b.heading == BI_RECIPES[backend] and backend in b.dialects]
+    sql = block.sql.replace("ideogram_bi", user)
+    if backend == "mysql":
+        sql = re.sub(r"\bideogram\.", f"`{database}`.", sql)
+    else:
+        sql = re.sub(r"\bDATABASE ideogram\b", f'DATABASE "{database}"', sql)
+    assert "ideogram" not in sql.replace(user, ""), sql
+    return [statement.strip() for statement in sql.split(";") if statement.strip()]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_read_only_user_recipe(backend: str, tmp_path: Path) -> None:
+    """The recipe, run for real: its user reads every analyst table and view, also after a
+    migration that redefines a view, and can neither read nor list the bookkeeping tables."""
+    from tests.conftest import database_url_for
+
+    for url in database_url_for(backend, tmp_path):
+        database = make_url(url).database
+        assert database
+        user = f"bi_{database[-10:]}"
+        engine = make_engine(url)
+        try:
+            # Granted before 0009 redefines sync_daily: the grant must survive it.
+            migrate(engine, "0008")
+            # Through the driver's own cursor, without parameters: sent as a client sends
+            # it (no placeholder processing of the '%' host).
+            run_as_client(engine, bi_recipe(backend, database, user))
+            migrate(engine)
+            _check_read_only_user(make_url(url).set(username=user, password=BI_PASSWORD))
+        finally:
+            if backend == "postgresql":
+                # Revokes its grants here and on the database, so the role can go.
+                run_as_client(engine, [f"DROP OWNED BY {user}", f"DROP ROLE IF EXISTS {user}"])
+            else:
+                run_as_client(engine, [f"DROP USER IF EXISTS '{user}'@'%'"])
+            engine.dispose()
+
+
+def run_as_client(engine: sa.Engine, statements: list[str]) -> None:
+    """Run each statement on a raw driver cursor and commit."""
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor()
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.close()
+        dbapi.commit()
+
+
+def _check_read_only_user(url: sa.URL) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                listed = conn.exec_driver_sql(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = current_schema()"
+                )
+            else:
+                listed = conn.exec_driver_sql(
+                    "SELECT TABLE_NAME FROM information_schema.TABLES "
+                    "WHERE TABLE_SCHEMA = DATABASE()"
+                )
+                shown = {row[0] for row in conn.exec_driver_sql("SHOW TABLES")}
+                assert shown == ANALYST_OBJECTS
+            assert {row[0] for row in listed} == ANALYST_OBJECTS
+            for name in sorted(ANALYST_OBJECTS):
+                conn.exec_driver_sql(f"SELECT * FROM {name}").all()
+            conn.rollback()
+        for name in sorted(BOOKKEEPING):
+            with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as refused:
+                conn.exec_driver_sql(f"SELECT * FROM {name}")
+            # PostgreSQL: insufficient_privilege; MariaDB/MySQL: SELECT command denied.
+            assert getattr(refused.value.orig, "sqlstate", None) == "42501" or (
+                refused.value.orig.args[0] == 1142
+            ), refused.value
+        with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError):
+            conn.exec_driver_sql("DELETE FROM sync_runs")
+    finally:
+        engine.dispose()

@@ -160,3 +160,36 @@ def test_day_and_age_are_utc(db_url: str) -> None:
     assert str(day)[:10] == "2026-03-01"
     expected = (datetime.now(UTC) - started - timedelta(seconds=5)).total_seconds()
     assert abs(age - expected) < 60
+
+
+def test_sync_daily_counts_are_integers(db_url: str) -> None:
+    """Every count of sync_daily reaches a BI tool as an integer, beyond 32 bits too: on
+    MariaDB/MySQL a SUM used to come back as DECIMAL (Python's Decimal through the driver)."""
+    engine = make_engine(db_url)
+    started = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    try:
+        migrate(engine)
+        with engine.begin() as conn:
+            for status, inserted in (("success", 2_000_000_000), ("failed", 2_000_000_000)):
+                conn.execute(
+                    sync_runs.insert().values(
+                        account="x", started_at=started, finished_at=started, status=status,
+                        datasets_seen=0, inserted=inserted, updated=1, unchanged=0, deleted=0,
+                        rejected=2,
+                    )
+                )  # fmt: skip
+        with engine.connect() as conn:
+            daily = conn.exec_driver_sql("SELECT * FROM sync_daily").mappings().one()
+    finally:
+        engine.dispose()
+    counts = {
+        "runs": 2,
+        "successes": 1,
+        "failures": 1,
+        "inserted": 4_000_000_000,
+        "updated": 2,
+        "deleted": 0,
+        "rejected": 4,
+    }
+    assert {name: type(daily[name]) for name in counts} == dict.fromkeys(counts, int)
+    assert {name: daily[name] for name in counts} == counts

@@ -157,3 +157,20 @@ def test_migrating_does_not_load_pygments(tmp_path: Path) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_downgrading_0009_restores_0008(db_url: str) -> None:
+    """0009's downgrade puts sync_daily back exactly as 0002 made it (and nothing else moves)."""
+    from tests.test_migration_resume import snapshot
+
+    engine = make_engine(db_url)
+    try:
+        migrate(engine, "0008")
+        at_0008 = snapshot(db_url)
+        migrate(engine)
+        assert snapshot(db_url) != at_0008
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0008")
+        assert snapshot(db_url) == at_0008
+    finally:
+        engine.dispose()
