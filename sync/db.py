@@ -393,7 +393,16 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                             "timed out waiting for another run's write to finish (waited "
                             "database.lock_timeout_seconds); it is retried at the next run"
                         )
-                yield conn
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):
+                        # Stopped (SIGTERM, Ctrl-C) perhaps inside a driver call that
+                        # SQLAlchemy did not make (COPY, a server-side cursor): the
+                        # connection may be mid-statement, so it is dropped, not rolled
+                        # back over; the server rolls the transaction back.
+                        conn.invalidate()
+                    raise
         finally:
             if name in ("mysql", "mariadb") and not conn.closed and not conn.invalidated:
                 with suppress(SQLAlchemyError):
@@ -447,10 +456,10 @@ _NO_CONNECTION = {1040, 1044, 1045, 1049, 1130, 1927}
 
 
 def _error_code(orig: BaseException) -> str | int | None:
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
-    if code is None and type(orig).__module__.startswith("pymysql") and orig.args:
-        code = orig.args[0]
-    return code
+    if type(orig).__module__.startswith("pymysql"):
+        # PyMySQL's errors carry a generic sqlstate (HY000); the number says what it was.
+        return orig.args[0] if orig.args else None
+    return getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
 
 
 def _hint(exc: BaseException, orig: BaseException, url: str | URL) -> str:

@@ -20,8 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy import Engine, event
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +56,49 @@ class Deadline:
 
 
 class Scope:
-    """One run's statements in flight, on whichever thread and connection they execute."""
+    """The database connections one run has checked out, whichever thread uses them."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self._lock = threading.Lock()
-        self._executing: dict[int, tuple[Any, Engine]] = {}
+        # One key per checkout: a connection checked in and out again is a new one here.
+        self._held: dict[object, tuple[Any, Engine]] = {}
 
-    def _started(self, dbapi_connection: Any, engine: Engine) -> None:
+    def _checked_out(self, key: object, dbapi_connection: Any, engine: Engine) -> None:
         with self._lock:
-            self._executing[id(dbapi_connection)] = (dbapi_connection, engine)
+            self._held[key] = (dbapi_connection, engine)
 
-    def _ended(self, dbapi_connection: Any) -> None:
+    def _checked_in(self, key: object) -> None:
         with self._lock:
-            self._executing.pop(id(dbapi_connection), None)
+            self._held.pop(key, None)
 
-    def executing(self) -> list[tuple[Any, Engine]]:
-        """The connections that are inside a statement right now."""
+    def held(self) -> dict[object, tuple[Any, Engine]]:
+        """The connections the run holds now (idle, or inside a statement)."""
         with self._lock:
-            return list(self._executing.values())
+            return dict(self._held)
 
     def stop(self) -> None:
-        """Cancel every statement in flight; cut the connections that do not come back."""
-        cancelled = self.executing()
-        for dbapi_connection, engine in cancelled:
+        """Cancel what the run's connections execute; cut those it does not let go of."""
+        # Every held connection: a cancel reaches only a statement in flight, and the
+        # driver-level ones (COPY, server-side cursors) are not seen by engine events.
+        stopping = self.held()
+        for dbapi_connection, engine in stopping.values():
             try:
                 _cancel(dbapi_connection, engine)
             except Exception as exc:  # the database may be what is broken
                 log.debug("could not cancel a statement of %s: %s", self.label, exc)
         give_up = time.monotonic() + CUT_AFTER_SECONDS
-        while time.monotonic() < give_up:
-            if not any(entry in self.executing() for entry in cancelled):
-                return
+        while (stuck := stopping.keys() & self.held().keys()) and time.monotonic() < give_up:
             time.sleep(0.05)
-        for entry in self.executing():
-            if entry not in cancelled:
-                continue
+        for key in stuck:
             log.warning(
-                "the database did not end a cancelled statement of %s within %gs; "
-                "closing its connection",
+                "the database did not end the cancelled work of %s within %gs; closing its "
+                "connection",
                 self.label,
                 CUT_AFTER_SECONDS,
             )
             try:
-                _shut_down(entry[0])
+                _shut_down(stopping[key][0])
             except OSError as exc:
                 log.debug("could not shut down a connection of %s: %s", self.label, exc)
 
@@ -140,47 +138,32 @@ def stop_everything() -> None:
 
 
 def track(engine: Engine) -> None:
-    """Follow `engine`'s statements: which run's Scope each belongs to, and when it ends."""
+    """Record which run's Scope each connection of `engine` is checked out under."""
 
     @event.listens_for(engine, "checkout")
-    def _checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        # The thread that checks a connection out is the run's; a statement may then
-        # execute on another thread (a background writer) and still belongs to the run.
-        record.info[_KEY] = _current.get()
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _before(conn: Connection, *_args: Any) -> None:
-        owner = conn.info.get(_KEY)
-        if owner is not None:
-            owner._started(conn.connection.dbapi_connection, engine)
-
-    @event.listens_for(engine, "after_cursor_execute")
-    def _after(conn: Connection, *_args: Any) -> None:
-        _end(conn.info, conn.connection.dbapi_connection)
-
-    @event.listens_for(engine, "handle_error")
-    def _error(context: ExceptionContext) -> None:
-        conn = context.connection
-        if conn is not None and not conn.closed and not conn.invalidated:
-            _end(conn.info, conn.connection.dbapi_connection)
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # The thread that checks a connection out is the run's; the connection may then
+        # be used from another thread (a background writer) and still belongs to the run.
+        current = _current.get()
+        if current is not None:
+            key = object()
+            current._checked_out(key, dbapi_connection, engine)
+            record.info[_KEY] = (current, key)
 
     @event.listens_for(engine, "checkin")
-    def _checkin(dbapi_connection: Any, record: Any) -> None:
-        owner = record.info.pop(_KEY, None)
-        if owner is not None and dbapi_connection is not None:
-            owner._ended(dbapi_connection)
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        _release(record)
 
     @event.listens_for(engine, "invalidate")
-    def _invalidate(dbapi_connection: Any, record: Any, _exc: Any) -> None:
-        owner = record.info.get(_KEY)
-        if owner is not None and dbapi_connection is not None:
-            owner._ended(dbapi_connection)
+    def _invalidate(_dbapi_connection: Any, record: Any, _exc: Any) -> None:
+        _release(record)
 
 
-def _end(info: dict[Any, Any], dbapi_connection: Any) -> None:
-    owner = info.get(_KEY)
+def _release(record: Any) -> None:
+    owner = record.info.pop(_KEY, None)
     if owner is not None:
-        owner._ended(dbapi_connection)
+        current, key = owner
+        current._checked_in(key)
 
 
 def _cancel(dbapi_connection: Any, engine: Engine) -> None:

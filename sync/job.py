@@ -399,7 +399,8 @@ def _run(
                 )
                 body.seek(0)
                 return write(last_occurrences(ListingStream(body))).counts
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
+            # The driver's own errors too: some reads and writes use its cursors directly.
             raise database_error(exc, url, "writing the datasets") from exc
 
 

@@ -7,11 +7,17 @@ database waits. Every test checks the exit code, the data and the run rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +25,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from tests.conftest import subprocess_env
-from tests.fakeapi import FakeApi
+from sync.db import make_engine, migrate
+from tests.conftest import database_url_for, rows, subprocess_env
+from tests.fakeapi import FakeApi, dataset, synthetic
+from tests.tcpproxy import FreezingProxy
 from tests.test_reliability import data, runs, start, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,8 +133,6 @@ def test_only_the_process_that_migrated_says_so(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Several processes migrate a new database at once: one migrates, the rest find it done."""
-    from sync.db import make_engine, migrate
-
     engines = [make_engine(db_url) for _ in range(4)]
     start_together = threading.Barrier(len(engines))
     results: list[tuple[str | None, str | None]] = []
@@ -153,8 +159,6 @@ def test_only_the_process_that_migrated_says_so(
 
 
 def test_a_database_newer_than_the_code_says_upgrade_not_migrate(cli: Any, db_url: str) -> None:
-    from sync.db import make_engine, migrate
-
     engine = make_engine(db_url)
     try:
         migrate(engine)
@@ -212,3 +216,249 @@ def test_reading_commands_on_a_server_database_without_tables(cli: Any, db_url: 
         assert sa.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+# -- nothing waits on the database without bound ---------------------------------------------
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "faults.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@contextlib.contextmanager
+def _held_lock(url: str) -> Iterator[None]:
+    """Another session holds a lock that the run's statements need, until the block ends."""
+    backend = sa.make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # The write lock: another writer with its transaction open.
+        other = sqlite3.connect(sa.make_url(url).database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.close()
+        return
+    engine = sa.create_engine(sa.make_url(url).set(drivername=_driver(backend)))
+    try:
+        with engine.connect() as conn:
+            if backend == "postgresql":
+                conn.exec_driver_sql("BEGIN")
+                conn.exec_driver_sql("LOCK TABLE datasets IN ACCESS EXCLUSIVE MODE")
+            else:
+                conn.exec_driver_sql("LOCK TABLES datasets WRITE")
+            yield
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def _driver(backend: str) -> str:
+    return "postgresql+psycopg" if backend == "postgresql" else "mysql+pymysql"
+
+
+def test_a_lock_held_by_another_session_ends_the_run_after_lock_timeout(
+    fake_api: FakeApi, synced: str, tmp_path: Path
+) -> None:
+    before = data(synced)
+    cfg = _config(tmp_path, "[database]\nlock_timeout_seconds = 2\n")
+    with _held_lock(synced):
+        proc = start(["--config", cfg, "run"], subprocess_env(fake_api, synced), tmp_path)
+        try:
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        _, err = proc.communicate()
+    assert code == 1, err
+    assert "longer than database.lock_timeout_seconds" in err
+    assert "Traceback" not in err
+    assert data(synced) == before
+    if sa.make_url(synced).get_backend_name() != "sqlite":
+        # SQLite: the run could not even take its lease (the write lock was held).
+        last = runs(synced)[-1]
+        assert last["status"] == "failed" and "lock_timeout_seconds" in last["error"]
+
+
+def test_sigterm_while_the_run_waits_for_a_lock(
+    fake_api: FakeApi, synced: str, tmp_path: Path
+) -> None:
+    before = data(synced)
+    with _held_lock(synced):
+        proc = start(["run"], subprocess_env(fake_api, synced), tmp_path)
+        time.sleep(3)  # long enough to be waiting for the lock (lock_timeout: 60 s)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        _, err = proc.communicate()
+    assert code == 143, err
+    assert "Traceback" not in err
+    assert data(synced) == before
+    assert "running" not in [r["status"] for r in runs(synced)]
+
+
+def test_a_first_load_behind_an_idle_reader_does_not_hang(
+    fake_api: FakeApi, tmp_path: Path
+) -> None:
+    """The reported case: a BI session idle in transaction after reading `datasets`."""
+    for url in database_url_for("postgresql", tmp_path):
+        engine = make_engine(url)
+        try:
+            migrate(engine)
+            with engine.connect() as reader:
+                reader.exec_driver_sql("SELECT count(*) FROM datasets").all()  # idle in transaction
+                fake_api.datasets = synthetic(6000)
+                cfg = _config(tmp_path, "[database]\nlock_timeout_seconds = 2\n")
+                proc = start(["--config", cfg, "run"], subprocess_env(fake_api, url), tmp_path)
+                try:
+                    code = proc.wait(120)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                _, err = proc.communicate()
+                reader.rollback()
+        finally:
+            engine.dispose()
+        # Either the load needed no lock the reader holds, or it gave up with the reason.
+        assert code in (0, 1), err
+        if code == 1:
+            assert "longer than database.lock_timeout_seconds" in err
+            assert rows(url) == []
+        else:
+            assert len(rows(url)) == 6000
+
+
+def _backend_pid(url: str) -> int:
+    """The server process of the (paused) run: the other session of its database."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            pids = (
+                conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state = 'idle in transaction'"
+                )
+                .scalars()
+                .all()
+            )
+    finally:
+        engine.dispose()
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+@contextlib.contextmanager
+def _frozen_database(url: str, tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Yield (the URL the run uses, freeze()): freeze stops the run's server from answering.
+
+    PostgreSQL: kill -STOP of the run's backend process (thawed at the end). MariaDB: one
+    process serves every session, so the run goes through a relay that stops relaying.
+    """
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        stopped: list[int] = []
+
+        def freeze() -> None:
+            pid = _backend_pid(url)
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+        try:
+            yield url, freeze
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        return
+    proxy = FreezingProxy(parsed.host or "127.0.0.1", parsed.port or 3306)
+    try:
+        yield parsed.set(port=proxy.port).render_as_string(hide_password=False), proxy.freeze
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def server_synced(
+    request: pytest.FixtureRequest, cli: Any, fake_api: FakeApi, tmp_path: Path
+) -> Iterator[str]:
+    """A synced database on a server (SQLite has no server to freeze)."""
+    for url in database_url_for(request.param, tmp_path):
+        fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
+        assert cli("--database-url", url, "run").code == 0
+        fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
+        yield url
+
+
+@pytest.mark.parametrize("how", ["deadline", "sigterm"])
+def test_a_database_that_stops_answering_mid_run(
+    fake_api: FakeApi, server_synced: str, tmp_path: Path, how: str
+) -> None:
+    """The server stops answering inside the write transaction: the run still ends."""
+    before = data(server_synced)
+    marker, resume = tmp_path / "paused", tmp_path / "resume"
+    deadline = 8 if how == "deadline" else 900
+    cfg = _config(tmp_path, f"[sync]\ndeadline_seconds = {deadline}\n")
+    with _frozen_database(server_synced, tmp_path) as (url, freeze):
+        env = subprocess_env(fake_api, url, PAUSE_MARKER=str(marker), PAUSE_RESUME=str(resume))
+        proc = start(["--config", cfg, "run"], env, tmp_path, hook=True)
+        try:
+            wait_for(marker, proc)
+            freeze()
+            resume.touch()  # the run's next statement goes to a server that does not answer
+            if how == "sigterm":
+                time.sleep(1)
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(10)
+            else:
+                code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        _, err = proc.communicate()
+    assert "Traceback" not in err
+    last = runs(server_synced)[-1]
+    if how == "sigterm":
+        assert code == 143, err
+        assert last["status"] == "failed" and last["error"] == "interrupted (SIGTERM)"
+    else:
+        assert code == 1, err
+        assert "did not finish within sync.deadline_seconds (8s)" in err
+        assert last["status"] == "failed" and "sync.deadline_seconds" in last["error"]
+    assert data(server_synced) == before
+
+
+# -- SQLite readers never block the writer ---------------------------------------------------
+
+
+def test_a_paused_sqlite_reader_does_not_block_a_run(
+    cli: Any, fake_api: FakeApi, sqlite_url: str, tmp_path: Path
+) -> None:
+    """`ideogram-sync datasets | less`, left paused, holds its read transaction open."""
+    fake_api.datasets = synthetic(5000)
+    assert cli("--database-url", sqlite_url, "run").code == 0
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "sync", "--database-url", sqlite_url, "datasets"],
+        env=subprocess_env(fake_api, sqlite_url),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None
+        reader.stdout.readline()  # it has started printing; nobody reads the rest
+        time.sleep(1)  # the pipe fills, and the reader waits with its cursor open
+        assert reader.poll() is None
+        fake_api.datasets = [*synthetic(5000)[1:], dataset("new")]
+        result = cli("--database-url", sqlite_url, "run")
+        assert result.code == 0, result.err
+        assert runs(sqlite_url)[-1]["inserted"] == 1
+        status = cli("--database-url", sqlite_url, "status")
+        assert status.code == 0, status.err
+        assert reader.poll() is None  # still paused, all along
+    finally:
+        reader.kill()
+        reader.communicate()
