@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -14,9 +15,10 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from sync import interrupt
 from sync.config import Settings
-from sync.db import make_engine
-from sync.errors import EXIT_OK, Cancelled, SyncError
+from sync.db import open_engine, reading
+from sync.errors import EXIT_FAILED, EXIT_OK, Cancelled, SyncError
 from sync.job import prepare_database, sync_accounts
 from sync.metrics import Metrics, serve
 from sync.models import datasets
@@ -27,9 +29,10 @@ log = logging.getLogger(__name__)
 
 JOB_ID = "sync"
 MAX_STARTUP_BACKOFF = 60.0
-# After the grace period the run is cancelled; it stops at its next safe point, which
-# takes well under this. Service managers' stop timeouts must exceed grace + this.
-ABORT_WAIT_SECONDS = 60.0
+# After the grace period the run is aborted: its database statements are cancelled (their
+# connections cut if the database does not answer) and it stops at its next safe point.
+# Past this the process exits anyway. Service managers' stop timeouts must exceed grace + this.
+ABORT_WAIT_SECONDS = 10.0
 
 
 class Daemon:
@@ -87,7 +90,7 @@ class Daemon:
         name = signal.Signals(signum).name
         if self.stopping.is_set():
             log.warning("%s again: aborting the running sync now", name)
-            self.cancel.set()
+            self._abort()
             return
         log.info(
             "%s: no new runs; letting a running sync finish for up to %gs",
@@ -104,9 +107,24 @@ class Daemon:
         if self.idle.wait(grace):
             return
         log.warning("the running sync did not finish within %gs; aborting it", grace)
-        self.cancel.set()
+        self._abort()
         # It stops at its next safe point (rollback, run recorded failed).
-        self.idle.wait(ABORT_WAIT_SECONDS)
+        if self.idle.wait(ABORT_WAIT_SECONDS):
+            return
+        # Only a database that answers nothing at all gets here. Ending the process is what
+        # kill -9 would do: nothing was committed, and the next run marks the run abandoned.
+        log.error(
+            "the aborted sync did not stop within %gs (the database does not answer); "
+            "exiting now. Nothing was committed; the next run marks it abandoned",
+            ABORT_WAIT_SECONDS,
+        )
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+
+    def _abort(self) -> None:
+        """Stop the running sync: at its next safe point, and inside the database now."""
+        self.cancel.set()
+        threading.Thread(target=interrupt.stop_everything, name="abort", daemon=True).start()
 
     def _connect(self) -> Engine | None:
         """Engine plus migrations; on failure retry with backoff instead of crash-looping."""
@@ -115,7 +133,7 @@ class Daemon:
         while not self.stopping.is_set():
             engine = None
             try:
-                engine = make_engine(database.url, database.schema)
+                engine = open_engine(database)
                 prepare_database(engine, database, self.allow_migrate)
                 return engine
             except SyncError as exc:
@@ -174,7 +192,8 @@ class Daemon:
             )
             for outcome in outcomes:
                 self.metrics.record(outcome)
-            self._load_gauges()
+            if not self.stopping.is_set():  # shutting down: no more waiting on the database
+                self._load_gauges()
         except Cancelled:
             log.warning("the running sync was aborted for shutdown (rolled back, recorded failed)")
         except Exception:
@@ -201,7 +220,7 @@ class Daemon:
             return
         try:
             successes = last_success_by_account(self.engine)
-            with self.engine.connect() as conn:
+            with reading(self.engine).connect() as conn:
                 active = dict(
                     conn.execute(
                         select(datasets.c.account, func.count())

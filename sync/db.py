@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLA
 
 from sync import interrupt, redact
 from sync.config import DatabaseSettings
-from sync.errors import ConfigError, DatabaseError, MigrationRequired, NoDatabase
+from sync.errors import Cancelled, ConfigError, DatabaseError, MigrationRequired, NoDatabase
 
 if TYPE_CHECKING:  # Alembic is imported only when migrating: `status` starts faster without it
     from alembic.config import Config
@@ -217,6 +217,8 @@ def _sqlite_transactions(engine: Engine, lock_timeout: float, wal: bool) -> None
             except OperationalError as exc:
                 if "locked" not in str(exc.orig) or time.monotonic() >= give_up:
                     raise
+                if interrupt.stopping():  # SQLite cannot cancel its own wait
+                    raise Cancelled() from None
 
 
 def _mysql_statement_timeout(engine: Engine, statement_ms: int) -> None:

@@ -60,6 +60,7 @@ class Scope:
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.stopped = threading.Event()
         self._lock = threading.Lock()
         # One key per checkout: a connection checked in and out again is a new one here.
         self._held: dict[object, tuple[Any, Engine]] = {}
@@ -79,6 +80,7 @@ class Scope:
 
     def stop(self) -> None:
         """Cancel what the run's connections execute; cut those it does not let go of."""
+        self.stopped.set()
         # Every held connection: a cancel reaches only a statement in flight, and the
         # driver-level ones (COPY, server-side cursors) are not seen by engine events.
         stopping = self.held()
@@ -124,6 +126,12 @@ def scope(label: str) -> Iterator[Scope]:
         _current.reset(token)
         with _scopes_lock:
             _scopes.discard(current)
+
+
+def stopping() -> bool:
+    """True in a run (this thread's Scope) that is being stopped: a wait should end now."""
+    current = _current.get()
+    return current is not None and current.stopped.is_set()
 
 
 def stop_everything() -> None:

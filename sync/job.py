@@ -159,15 +159,17 @@ class _Stop:
             raise Cancelled()
 
     def explain(self, exc: BaseException) -> BaseException:
-        """What a run stopped by its deadline failed with: that, not what the stop caused."""
-        if self.expired.is_set() and isinstance(exc, SyncError | SQLAlchemyError | Cancelled):
-            return DeadlineExceeded(
-                f"the run did not finish within sync.deadline_seconds ({self.deadline:g}s) and "
-                "was stopped; nothing was changed. If the database was slow or waiting for a "
-                "lock, see the log for what it was doing; raise the deadline only if runs of "
-                "this size really take that long"
-            )
-        return exc
+        """What a stopped run failed with: its stop, not the error the stop caused."""
+        if not isinstance(exc, SyncError | SQLAlchemyError | Cancelled) or not self.is_set():
+            return exc
+        if not self.expired.is_set():
+            return exc if isinstance(exc, Cancelled) else Cancelled()
+        return DeadlineExceeded(
+            f"the run did not finish within sync.deadline_seconds ({self.deadline:g}s) and "
+            "was stopped; nothing was changed. If the database was slow or waiting for a "
+            "lock, see the log for what it was doing; raise the deadline only if runs of "
+            "this size really take that long"
+        )
 
 
 def _under_lease(
@@ -453,10 +455,12 @@ def _record_failure(
     counts = Counts(seen=known.seen, rejected=known.rejected) if known else Counts()
     try:
         runs.fail_run(engine, run_id, redact.redact(message), counts, clock())
-    except SQLAlchemyError as db_exc:
-        # The database itself may be what failed; the run row then stays `running`.
-        log.error(
-            "could not record run %d as failed: %s",
-            run_id,
-            database_error(db_exc, url, "recording the failure"),
+    except (SQLAlchemyError, Cancelled) as db_exc:
+        # The database itself may be what failed (or, stopping, it would have to be waited
+        # for); the run row then stays `running` and the next run marks it abandoned.
+        why: object = (
+            "it was being stopped while another writer held the database's write lock"
+            if isinstance(db_exc, Cancelled)
+            else database_error(db_exc, url, "recording the failure")
         )
+        log.error("could not record run %d as failed: %s", run_id, why)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
+from sync.db import reading
 from sync.models import RUN_ABANDONED, RUN_FAILED, RUN_RUNNING, RUN_SUCCESS, Counts, sync_runs
 
 # Long errors are cut so one bad response cannot bloat the run table.
@@ -59,7 +60,7 @@ def start_run(
 
 def slot_taken(engine: Engine, account: str, slot: datetime) -> bool:
     """True when a run for this schedule slot already finished (on any replica)."""
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         found = conn.execute(
             select(sync_runs.c.id)
             .where(
@@ -191,7 +192,7 @@ def latest_runs(engine: Engine, per_account: int = 5) -> list[RunRow]:
         .where(ranked.c.run_rank <= per_account)
         .order_by(ranked.c.account, ranked.c.id.desc())
     )
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         return [RunRow(**row._mapping) for row in conn.execute(query)]
 
 
@@ -202,7 +203,7 @@ def last_success_by_account(engine: Engine) -> dict[str, datetime]:
         .where(sync_runs.c.status == RUN_SUCCESS)
         .group_by(sync_runs.c.account)
     )
-    with engine.connect() as conn:
+    with reading(engine).connect() as conn:
         return {account: _as_utc(finished) for account, finished in conn.execute(query) if finished}
 
 

@@ -44,6 +44,7 @@ from docker.utils.build import exclude_paths
 from sync import __version__
 from sync.cli import build_parser
 from sync.config import Settings, load_settings, parse_duration
+from sync.daemon import ABORT_WAIT_SECONDS
 from sync.metrics import Metrics
 from tests.conftest import API_KEY
 from tests.fakeapi import FakeApi, dataset
@@ -68,7 +69,7 @@ MIN_KUBERNETES = "1.26"
 INSTALLED_BINARY = "/opt/ideogram-sync/venv/bin/ideogram-sync"
 # After shutdown_grace_seconds the daemon aborts the running sync and waits this long
 # for it to roll back (sync/daemon.py, Daemon._finish_current_run).
-DAEMON_ABORT_WAIT_SECONDS = 60
+DAEMON_ABORT_WAIT_SECONDS = ABORT_WAIT_SECONDS
 SECRET_ENV = {"IDEOGRAM_API_KEY": "api-key", "IDEOGRAM_SYNC_DATABASE_URL": "database-url"}
 HARDENING = {
     "NoNewPrivileges": "yes",

@@ -462,3 +462,48 @@ def test_a_paused_sqlite_reader_does_not_block_a_run(
     finally:
         reader.kill()
         reader.communicate()
+
+
+# -- the daemon's shutdown -----------------------------------------------------------------
+
+
+def test_the_daemon_aborts_a_run_that_waits_on_the_database(
+    fake_api: FakeApi, synced: str, tmp_path: Path
+) -> None:
+    """After the grace period the run's statement is cancelled, not waited for."""
+    before = data(synced)
+    config = tmp_path / "daemon.toml"
+    config.write_text('[schedule]\ninterval = "1h"\nshutdown_grace_seconds = 1\n')
+    fake_api.gate = threading.Event()  # the start-up run waits for its listing...
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sync", "--config", str(config), "daemon"],
+        env=subprocess_env(fake_api, synced),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(fake_api.requests) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        with _held_lock(synced):
+            fake_api.gate.set()  # ...gets it, and waits for the lock (lock_timeout: 60 s)
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(1 + 10 + 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, err = proc.communicate()
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert data(synced) == before
+    last = runs(synced)[-1]
+    if sa.make_url(synced).get_backend_name() == "sqlite":
+        # The other writer held SQLite's only write lock throughout: the failed row could
+        # not be written either; the next run marks it abandoned.
+        assert last["status"] in ("failed", "running"), last
+    else:
+        assert (last["status"], last["error"]) == ("failed", "interrupted (shutting down)")
