@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ from sync.errors import (
     SyncError,
     Terminated,
 )
-from sync.logs import configure_logging
+from sync.logs import about_run, configure_logging
 from sync.redact import redact
 
 if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
@@ -346,6 +347,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.input and len(accounts) > 1:
         raise ConfigError("--input holds one account's listing: name it with --account NAME")
     body = _read_input(args.input) if args.input else None
+    about = about_run(accounts[0].name) if len(accounts) == 1 else contextlib.nullcontext()
+    with about:
+        return _run_accounts(args, settings, accounts, body)
+
+
+def _run_accounts(
+    args: argparse.Namespace, settings: Settings, accounts: list[Account], body: bytes | None
+) -> int:
     prefetched = _prefetch(accounts[0]) if body is None and len(accounts) == 1 else {}
     # Imported after the download started: the listing arrives while the database
     # code loads and the run is set up, instead of after.
@@ -373,6 +382,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _prefetch(account: Account) -> dict[str, PendingFetch]:
     """Start downloading the account's listing now; nothing if its key is missing.
+
+    The download's log lines are about the account's run: they carry its fields
+    (logs.about_run), and its run id once the run row exists.
 
     A run that then stops before syncing (lock held, database down) has fetched for
     nothing; the API call is a cheap GET, and the job still reports a missing key.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import json
@@ -123,7 +124,10 @@ class PendingFetch:
         # Timeouts bound each read, not a server that trickles bytes forever or a
         # long retry chain; the deadline bounds the whole fetch. Daemonic, so a stuck
         # socket never keeps the process alive after we give up on it.
-        self._worker = threading.Thread(target=work, name="ideogram-fetch", daemon=True)
+        # In a copy of the caller's context: its log lines are about the caller's run.
+        self._worker = threading.Thread(
+            target=contextvars.copy_context().run, args=(work,), name="ideogram-fetch", daemon=True
+        )
         self._deadline = time.monotonic() + api.deadline_seconds
         self._worker.start()
 

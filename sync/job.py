@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import __version__, client, interrupt, redact, runs, store
+from sync import __version__, client, interrupt, logs, redact, runs, store
 from sync.config import Account, DatabaseSettings, Settings
 from sync.db import (
     SCHEMA_HEAD,
@@ -97,21 +97,24 @@ def sync_account(
     started = time.monotonic()
     # A missing key is a configuration error: found before any lock or run row.
     api_key = account.api.key() if body is None else None
-    with interrupt.scope(f"the run of account {account.name}") as statements:
-        deadline = interrupt.Deadline(settings.sync.deadline_seconds, statements)
-        with deadline:
-            outcome = _under_lease(
-                settings,
-                account,
-                engine,
-                api_key,
-                body,
-                allow_mass_delete,
-                slot,
-                _Stop(cancel, deadline.expired, settings.sync.deadline_seconds),
-                clock,
-                prefetched,
-            )
+    with (
+        logs.about_run(account.name) as log_fields,
+        interrupt.scope(f"the run of account {account.name}") as statements,
+        interrupt.Deadline(settings.sync.deadline_seconds, statements) as deadline,
+    ):
+        outcome = _under_lease(
+            settings,
+            account,
+            engine,
+            api_key,
+            body,
+            allow_mass_delete,
+            slot,
+            _Stop(cancel, deadline.expired, settings.sync.deadline_seconds),
+            clock,
+            prefetched,
+            log_fields,
+        )
     if outcome is None:
         return None
     run_id, counts = outcome
@@ -183,6 +186,7 @@ def _under_lease(
     stop: _Stop,
     clock: Callable[[], datetime],
     prefetched: client.PendingFetch | None,
+    log_fields: dict[str, object],
 ) -> tuple[int, Counts] | None:
     url = settings.database.url
     lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
@@ -200,6 +204,7 @@ def _under_lease(
                 )
                 return None
             run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
+            log_fields["run_id"] = run_id
         except SQLAlchemyError as exc:
             error = database_error(exc, url, "recording the start of the run")
             raise stop.explain(error) from exc
@@ -261,6 +266,11 @@ def sync_accounts(
     cancel = cancel or threading.Event()
 
     def one(account: Account) -> Outcome:
+        # Around sync_account's own: the failure line below still carries the run id.
+        with logs.about_run(account.name):
+            return _one(account)
+
+    def _one(account: Account) -> Outcome:
         try:
             result = sync_account(
                 settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import logging
@@ -214,7 +215,13 @@ class Lease:
                 except SQLAlchemyError as exc:
                     log.warning("could not renew the lock of account %s: %s", self.account, exc)
 
-        self._renewer = threading.Thread(target=renew, name=f"lease-{self.account}", daemon=True)
+        # In a copy of the caller's context: its log lines are about the caller's run.
+        self._renewer = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(renew,),
+            name=f"lease-{self.account}",
+            daemon=True,
+        )
         self._renewer.start()
 
 

@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from sync.redact import RedactingFilter, install_record_factory
 
 # Fields a record may carry through `extra=`; JSON lines include them when present.
 _EXTRA_FIELDS = ("event", "account", "run_id", "counts", "duration_s", "error", "next_run")
+
+
+# The run a line is about: {"account": ..., "run_id": ...}, for every logger, set by the
+# code that runs it. Threads that work for a run start in a copy of its context.
+_RUN: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ideogram_sync_run", default=None
+)
+
+
+@contextlib.contextmanager
+def about_run(account: str) -> Iterator[dict[str, Any]]:
+    """Lines logged in this block are about `account`'s run; set ["run_id"] once known.
+
+    Inside a block for the same account (a download started before the run), the fields
+    are shared, so lines of threads started in the outer block get the run id too.
+    """
+    current = _RUN.get()
+    if current is not None and current.get("account") == account:
+        yield current
+        return
+    fields: dict[str, Any] = {"account": account, "run_id": None}
+    token = _RUN.set(fields)
+    try:
+        yield fields
+    finally:
+        _RUN.reset(token)
+
+
+class RunFields(logging.Filter):
+    """Give each record the account and run id of the run it is logged in (if any)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = _RUN.get()
+        if fields is not None:
+            for name, value in fields.items():
+                if getattr(record, name, None) is None:
+                    setattr(record, name, value)
+        return True
 
 
 class TextFormatter(logging.Formatter):
@@ -40,6 +81,8 @@ class JsonFormatter(logging.Formatter):
         for name in _EXTRA_FIELDS[1:]:
             value = getattr(record, name, None)
             if value is None:
+                if name == "run_id" and "account" in entry:
+                    entry["run_id"] = None  # about an account, before its run row exists
                 continue
             if name == "counts" and isinstance(value, dict):
                 entry.update(value)
@@ -60,6 +103,7 @@ def configure_logging(level: str, verbose: bool, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._ideogram_sync = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RunFields())
     handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level))

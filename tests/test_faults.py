@@ -8,6 +8,7 @@ database waits. Every test checks the exit code, the data and the run rows.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from sqlalchemy import Engine
 
 from sync.db import make_engine, migrate
 from tests.conftest import database_url_for, rows, subprocess_env
-from tests.fakeapi import FakeApi, dataset, synthetic
+from tests.fakeapi import FakeApi, Reply, dataset, synthetic
 from tests.tcpproxy import FreezingProxy
 from tests.test_reliability import data, runs, start, wait_for
 
@@ -507,3 +508,69 @@ def test_the_daemon_aborts_a_run_that_waits_on_the_database(
         assert last["status"] in ("failed", "running"), last
     else:
         assert (last["status"], last["error"]) == ("failed", "interrupted (shutting down)")
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def test_every_json_line_about_a_run_carries_its_account_and_run_id(
+    fake_api: FakeApi, sqlite_url: str, tmp_path: Path
+) -> None:
+    # After the run row exists: a first answer that comes too late (urllib3 logs its
+    # retry, in the download's own thread) and a listing with an invalid record.
+    migrated = subprocess.run(
+        [sys.executable, "-m", "sync", "migrate"],
+        env=subprocess_env(fake_api, sqlite_url),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert migrated.returncode == 0
+    fake_api.push(Reply(200, {"datasets": []}, delay=4))
+    fake_api.datasets = [dataset("a"), {"dataset_id": "b", "name": None}]
+    cfg = _config(tmp_path, "[api]\ntimeout_seconds = 2\nbackoff_factor = 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sync", "--config", cfg, "--log-format", "json", "run"],
+        env=subprocess_env(fake_api, sqlite_url),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    started = next(
+        i for i, line in enumerate(lines) if line["message"] == "run 1 started for account default"
+    )
+    assert all(line["account"] == "default" for line in lines), lines
+    assert all(line["run_id"] == 1 for line in lines[started:]), lines[started:]
+    messages = [line["message"] for line in lines[started:]]
+    assert any(m.startswith("Retrying") for m in messages), messages  # urllib3's
+    assert any(m.startswith("rejected dataset b") for m in messages), messages
+
+
+def test_global_options_are_accepted_after_the_command(cli: Any, sqlite_url: str) -> None:
+    example = str(ROOT / "examples" / "datasets.json")
+    result = cli("run", "--database-url", sqlite_url, "--log-level", "warning", "--input", example)
+    assert result.code == 0, result.err
+    assert result.err == ""  # WARNING: a successful run says nothing
+    assert len(rows(sqlite_url)) == 3
+    # Before the command and after it: the one after wins, the one before still counts.
+    both = cli("--log-level", "warning", "status", "--database-url", sqlite_url, "-v")
+    assert both.code == 0, both.err
+    assert "success" in both.out
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_flag(flag: str) -> None:
+    from sync import __version__
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "sync", flag],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == f"ideogram-sync {__version__}"
