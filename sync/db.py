@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -195,6 +193,9 @@ def _sqlite_transactions(engine: Engine, lock_timeout: float, wal: bool) -> None
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        # Temporary tables (the stage holds one batch), sorts and statement journals stay
+        # in memory: a run never depends on room in TMPDIR, where SQLite would put them.
+        dbapi_connection.execute("PRAGMA temp_store = MEMORY")
         if wal:
             # WAL: readers see the last commit while a writer writes, and a writer
             # commits while readers read. It is a property of the file, kept from
@@ -494,18 +495,9 @@ def _disk_full_hint(url: str | URL) -> str:
     parsed = url if isinstance(url, URL) else normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         return "the database server's disk is full; free space there, then run again"
-    # SQLite also writes temporary files (sorts, temporary tables) outside the database's
-    # folder: to SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp.
-    places = [("the database's folder", Path(parsed.database or ".").resolve().parent)]
-    places.append(("SQLite's temporary files", Path(tempfile.gettempdir())))
-    tmp = os.environ.get("SQLITE_TMPDIR")
-    if tmp:
-        places[-1] = ("SQLite's temporary files (SQLITE_TMPDIR)", Path(tmp))
-    free = ", ".join(f"{what} {where}: {_free(where)} free" for what, where in places)
-    return (
-        f"a disk is full ({free}); free space, or point SQLITE_TMPDIR (or TMPDIR) at a "
-        "folder with room, then run again"
-    )
+    # Only the database's own folder: SQLite's temporary files are kept in memory.
+    folder = Path(parsed.database or ".").resolve().parent
+    return f"the disk of the database's folder {folder} is full ({_free(folder)} free); free space there, then run again"
 
 
 def _free(path: Path) -> str:

@@ -574,3 +574,78 @@ def test_version_flag(flag: str) -> None:
     )
     assert shown.returncode == 0
     assert shown.stdout.strip() == f"ideogram-sync {__version__}"
+
+
+# -- full disks ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tiny_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (needs root; skips otherwise)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    with contextlib.suppress(OSError), (folder / "filler").open("wb") as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+
+
+def test_a_full_tmpdir_does_not_fail_a_run(cli: Any, sqlite_url: str, tmp_path: Path) -> None:
+    """SQLite's temporary tables and sorts stay in memory: TMPDIR may be full."""
+    listing = tmp_path / "listing.json"
+    listing.write_text(json.dumps({"datasets": synthetic(20000)}))
+    with _tiny_disk(tmp_path / "tmp", "64k") as tmp:
+        _fill(tmp)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sync",
+                "--database-url",
+                sqlite_url,
+                "run",
+                "--input",
+                str(listing),
+            ],
+            env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert len(rows(sqlite_url)) == 20000
+
+
+def test_a_full_database_disk_is_named(tmp_path: Path) -> None:
+    with _tiny_disk(tmp_path / "disk", "1m") as disk:
+        url = f"sqlite:///{disk / 'sync.db'}"
+        listing = tmp_path / "listing.json"
+        listing.write_text(json.dumps({"datasets": synthetic(20000)}))
+        result = subprocess.run(
+            [sys.executable, "-m", "sync", "--database-url", url, "run", "--input", str(listing)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"the disk of the database's folder {disk} is full" in result.stderr
+    assert "database.url" not in result.stderr
+    assert "Traceback" not in result.stderr
