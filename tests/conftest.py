@@ -88,6 +88,20 @@ def synced(cli: Any, fake_api: FakeApi, db_url: str) -> Iterator[str]:
     yield db_url
 
 
+@pytest.fixture(params=["postgresql", "mysql"])
+def server_synced(
+    request: pytest.FixtureRequest, cli: Any, fake_api: FakeApi, tmp_path: Path
+) -> Iterator[str]:
+    """Like `synced`, on the database servers only (a connection to drop, a server to stop)."""
+    from tests.fakeapi import dataset
+
+    for url in database_url_for(request.param, tmp_path):
+        fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
+        assert cli("--database-url", url, "run").code == 0
+        fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
+        yield url
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"

@@ -35,6 +35,17 @@ from tests.test_reliability import data, runs, start, wait_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def finish(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
+    """Wait up to `seconds` for `proc` to exit (killing it if it does not); (code, stderr)."""
+    try:
+        code = proc.wait(seconds)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    return code, err
+
+
 # -- the lease never queues behind its holder ---------------------------------------------
 
 
@@ -50,12 +61,7 @@ def test_a_second_run_exits_5_while_the_first_is_writing(
         second = start(["run"], subprocess_env(fake_api, synced), tmp_path)
         # The first stays paused (for up to 120 s) until `resume` exists: a second run that
         # queued behind its transaction would still be waiting when this gives up.
-        try:
-            code = second.wait(20)
-        finally:
-            if second.poll() is None:
-                second.kill()
-        _, err = second.communicate()
+        code, err = finish(second, 20)
         assert code == 5, err
         assert "another run for account default is in progress" in err
         assert first.poll() is None, "the first run must still be inside its transaction"
@@ -266,12 +272,7 @@ def test_a_lock_held_by_another_session_ends_the_run_after_lock_timeout(
     cfg = _config(tmp_path, "[database]\nlock_timeout_seconds = 2\n")
     with _held_lock(synced):
         proc = start(["--config", cfg, "run"], subprocess_env(fake_api, synced), tmp_path)
-        try:
-            code = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        _, err = proc.communicate()
+        code, err = finish(proc, 60)
     assert code == 1, err
     assert "longer than database.lock_timeout_seconds" in err
     assert "Traceback" not in err
@@ -291,12 +292,7 @@ def test_sigterm_while_the_run_waits_for_a_lock(
         time.sleep(3)  # long enough to be waiting for the lock (lock_timeout: 60 s)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        _, err = proc.communicate()
+        code, err = finish(proc, 10)
     assert code == 143, err
     assert "Traceback" not in err
     assert data(synced) == before
@@ -316,12 +312,7 @@ def test_a_first_load_behind_an_idle_reader_does_not_hang(
                 fake_api.datasets = synthetic(6000)
                 cfg = _config(tmp_path, "[database]\nlock_timeout_seconds = 2\n")
                 proc = start(["--config", cfg, "run"], subprocess_env(fake_api, url), tmp_path)
-                try:
-                    code = proc.wait(120)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                _, err = proc.communicate()
+                code, err = finish(proc, 120)
                 reader.rollback()
         finally:
             engine.dispose()
@@ -380,18 +371,6 @@ def _frozen_database(url: str, tmp_path: Path) -> Iterator[tuple[str, Callable[[
         yield parsed.set(port=proxy.port).render_as_string(hide_password=False), proxy.freeze
     finally:
         proxy.close()
-
-
-@pytest.fixture(params=["postgresql", "mysql"])
-def server_synced(
-    request: pytest.FixtureRequest, cli: Any, fake_api: FakeApi, tmp_path: Path
-) -> Iterator[str]:
-    """A synced database on a server (SQLite has no server to freeze)."""
-    for url in database_url_for(request.param, tmp_path):
-        fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
-        assert cli("--database-url", url, "run").code == 0
-        fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
-        yield url
 
 
 @pytest.mark.parametrize("how", ["deadline", "sigterm"])

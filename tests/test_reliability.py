@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -121,13 +120,7 @@ def test_dead_local_holder_is_taken_over_at_once(cli, synced: str) -> None:
 
     from sync.lock import _pid_scope
 
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    pid = int(dead.stdout)
+    pid = _a_gone_pid()
     now = datetime.now(UTC)
     owner = f"{socket.gethostname()}:{pid}:{_pid_scope()}:abcd1234"
     _put_lock(synced, owner, now, now + timedelta(minutes=10))
@@ -149,13 +142,7 @@ def test_a_holder_is_dead_only_when_its_pid_is_ours_to_check(owner: str) -> None
 
     from sync.lock import _holder_is_dead, _pid_scope
 
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    pid = int(gone.stdout)
+    pid = _a_gone_pid()
     host, scope = socket.gethostname(), _pid_scope()
     assert _holder_is_dead(f"{host}:{pid}:{scope}:abcd1234")
     assert not _holder_is_dead(owner.format(host=host, pid=pid, scope=scope))
@@ -178,6 +165,17 @@ def test_lost_lease_fails_the_commit(db_url: str) -> None:
         assert [r["owner"] for r in rows(db_url, "sync_locks")] == ["thief:1:ffffffff"]
     finally:
         engine.dispose()
+
+
+def _a_gone_pid() -> int:
+    """The pid of a process that has ended."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(gone.stdout)
 
 
 def _put_lock(url: str, owner: str, acquired: datetime, expires: datetime) -> None:
@@ -280,20 +278,6 @@ def test_a_signal_right_after_the_run_row_is_recorded(
     last = runs(synced)[-1]
     assert (last["status"], last["error"]) == ("failed", "interrupted (SIGTERM)")
     assert rows(synced, "sync_locks") == []
-
-
-@pytest.fixture(params=["postgresql", "mysql"])
-def server_synced(
-    request: pytest.FixtureRequest, cli, fake_api: FakeApi, tmp_path: Path
-) -> Iterator[str]:
-    """Like `synced`, on the database servers only: SQLite has no connection to drop."""
-    from tests.conftest import database_url_for
-
-    for url in database_url_for(request.param, tmp_path):
-        fake_api.datasets = [dataset("a"), dataset("b"), dataset("c")]
-        assert cli("--database-url", url, "run").code == 0
-        fake_api.datasets = [dataset("a", "renamed"), dataset("b"), dataset("d")]
-        yield url
 
 
 def test_database_connection_dropped_mid_write(
