@@ -628,3 +628,45 @@ def test_a_full_database_disk_is_named(tmp_path: Path) -> None:
     assert f"the disk of the database's folder {disk} is full" in result.stderr
     assert "database.url" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_in_the_middle_of_a_migration_says_what_it_left(
+    db_url: str, tmp_path: Path
+) -> None:
+    """MariaDB commits DDL as it goes: the message must not claim a rollback there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
+    env.update(PYTHONPATH=str(ROOT), IDEOGRAM_SYNC_DATABASE_URL=db_url)
+    marker = tmp_path / "paused"
+    paused = {
+        **env,
+        "PAUSE_AFTER": "ALTER TABLE datasets ADD COLUMN content_hash",
+        "PAUSE_MARKER": str(marker),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_migration_resume", "migrate"],
+        cwd=ROOT,
+        env=paused,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(marker, proc)  # type: ignore[arg-type]
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, 10)
+    assert code == 143, err
+    assert "Traceback" not in err
+    if sa.make_url(db_url).get_backend_name() in ("mysql", "mariadb"):
+        assert "keeps the schema changes made so far" in err
+        assert "run `ideogram-sync migrate` again to finish the migration" in err
+        assert "rolled back" not in err
+    else:
+        assert "any open transaction was rolled back" in err
+    again = subprocess.run(
+        [sys.executable, "-m", "sync", "migrate"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
