@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import __version__, client, interrupt, logs, redact, runs, store
+from sync import __version__, client, interrupt, logs, records, redact, runs, store
 from sync.config import Account, DatabaseSettings, Settings
 from sync.db import (
     SCHEMA_HEAD,
@@ -33,8 +33,9 @@ from sync.errors import (
     SyncError,
     Terminated,
 )
+from sync.jsonstream import ListingStream
 from sync.lock import Lease
-from sync.records import ListingStream, last_occurrences
+from sync.records import DATASETS
 from sync.store import Counts
 
 log = logging.getLogger(__name__)
@@ -367,9 +368,7 @@ def _run(
         step()
         body = fetched.file
         digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
-
-        def write(last: dict[str, int] | None) -> store.Applied:
-            body.seek(0)
+        try:
             with write_transaction(engine) as conn:
                 # Fencing: if our lease was taken over, this raises and rolls back.
                 lease.check(conn)
@@ -383,44 +382,30 @@ def _run(
                     )
                     applied = progress.applied = store.Applied(same[1], [], [], complete=True)
                     runs.finish_run(conn, run_id, same[1], clock(), digest)
-                    return applied
-                result = progress.applied = store.apply(
+                    return applied.counts
+                applied = progress.applied = store.apply(
                     conn,
+                    DATASETS,
                     account.name,
                     ListingStream(body),
                     run_id,
                     clock(),
                     max_delete_fraction,
                     step,
-                    last,
                 )
-                _report(result, settings.sync.on_invalid_record)
-                runs.finish_run(conn, run_id, result.counts, clock(), digest)
+                _report(applied, settings.sync.on_invalid_record)
+                runs.finish_run(conn, run_id, applied.counts, clock(), digest)
                 step()
-            return result
-
-        try:
-            try:
-                return write(None).counts
-            except store.NeedsCarefulPass as again:
-                # Rolled back: the listing repeats an id whose first record was
-                # already written. Rare; read it twice so only the last one counts.
-                log.warning(
-                    "dataset %s is listed more than once; reading the listing twice",
-                    again.args[0],
-                )
-                body.seek(0)
-                return write(last_occurrences(ListingStream(body))).counts
-        except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
-            # The driver's own errors too: some reads and writes use its cursors directly.
+            return applied.counts
+        except SQLAlchemyError as exc:
             raise database_error(exc, url, "writing the datasets") from exc
 
 
 def listing_digest(body_sha256: str, policy: str) -> str:
     """A digest of the listing body, salted with what else decides how it is stored."""
-    # Another version of the tool (parser rules), schema or reject policy
-    # could store the same bytes differently, so they are part of the digest.
-    salt = f"{__version__}|{SCHEMA_HEAD}|{policy}|{body_sha256}"
+    # Another version of the tool or of its parse rules, schema or reject policy could
+    # store the same bytes differently, so they are part of the digest.
+    salt = f"{__version__}|{records.HASH_VERSION}|{SCHEMA_HEAD}|{policy}|{body_sha256}"
     return hashlib.blake2b(salt.encode(), digest_size=16).hexdigest()
 
 

@@ -115,12 +115,9 @@ datasets = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime()),
     Column("last_sync_run_id", Integer, nullable=False),
-    # Digest of the content columns as the API sent them (sync.records.content_hash):
+    # The parse rules' version and a digest of the content columns (sync.records.content_hash):
     # a re-run compares digests instead of reading back and comparing every column.
     Column("content_hash", String(32)),
-    # Digest of the record's exact JSON text as last written (sync.jsonstream.record_digest):
-    # a re-run recognises an identical record by it without decoding the record.
-    Column("record_digest", String(32)),
     Index(None, "user_id"),
     Index(None, "creation_time"),
     Index(None, "deleted_at"),

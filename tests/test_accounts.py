@@ -248,6 +248,7 @@ def test_a_run_loads_only_its_own_accounts_rows(
     """Another account's rows cost a run nothing up front: only its own are loaded."""
     from sync import store
     from sync.db import make_engine
+    from sync.records import DATASETS
 
     fake_api.by_key = listings()
     args = ("--config", accounts_config, "--database-url", db_url, "run")
@@ -255,14 +256,14 @@ def test_a_run_loads_only_its_own_accounts_rows(
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            stored, active, shared = store._load(conn, "alpha")
-            assert (set(stored), active, shared) == ({"a1", "a2"}, 2, False)
+            stored, deleted, shared = store._load(conn, DATASETS, "alpha")
+            assert (set(stored), deleted, shared) == ({"a1", "a2"}, set(), False)
         assert cli(*args, env=KEYS).code == 0
         with engine.connect() as conn:
-            stored, active, shared = store._load(conn, "beta")
-            assert (set(stored), active, shared) == ({"b1"}, 1, True)
-            stored, active, shared = store._load(conn, "gamma")
-            assert (stored, active, shared) == ({}, 0, True)
+            stored, deleted, shared = store._load(conn, DATASETS, "beta")
+            assert (set(stored), deleted, shared) == ({"b1"}, set(), True)
+            stored, deleted, shared = store._load(conn, DATASETS, "gamma")
+            assert (stored, deleted, shared) == ({}, set(), True)
     finally:
         engine.dispose()
 

@@ -4,7 +4,8 @@ The oracle is the standard library: a body the stream accepts must give exactly 
 `datasets` list `json.loads(body)` gives, however the body is cut into chunks; a body it
 refuses must be one json.loads refuses, or one of the documented refusals (not an object, no
 or two `datasets` fields, `datasets` not a list); and it never raises anything but
-ResponseError. `risky` must be True whenever a record can hold a NUL or a lone surrogate.
+ResponseError. A NUL or a lone surrogate is handed out as decoded (the record is then
+rejected by the parser), never replaced.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import codecs
 import io
 import json
-import re
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,9 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from sync import jsonstream
 from sync.errors import ResponseError
-from sync.jsonstream import CHUNK_SIZE, Known, KnownRun, ListingStream, record_digest
+from sync.jsonstream import CHUNK_SIZE, ListingStream
 
 # None: the default chunk size (1 MiB), so the whole of a small body is one chunk.
 CHUNK_SIZES: list[int | None] = [1, 2, 3, 7, 64, None]
@@ -90,31 +89,6 @@ def check_body(body: bytes, chunk_sizes: list[int | None] = CHUNK_SIZES) -> None
             assert records.seen == len(want)
 
 
-def strings_in(value: Any) -> Iterator[str]:
-    """Every string and object key inside a decoded JSON value."""
-    todo = [value]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, str):
-            yield node
-        elif isinstance(node, dict):
-            yield from node.keys()
-            todo.extend(node.values())
-        elif isinstance(node, list):
-            todo.extend(node)
-
-
-def unstorable(text: str) -> bool:
-    """True when `text` holds a NUL or a lone surrogate (what `risky` exists to flag)."""
-    if "\x00" in text:
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 # --- generated bodies ---------------------------------------------------------------------
 
 whitespace = st.text(alphabet=" \t\n\r", max_size=3)
@@ -127,7 +101,7 @@ chars = st.one_of(
     st.characters(),
     st.sampled_from(["\ufeff", "\u2028", "😀", '"', "\\", "/", "\n", "\t", "é", "\x7f"]),
 )
-# What `risky` is for: a NUL or a lone surrogate somewhere in a string.
+# A NUL or a lone surrogate somewhere in a string: decoded as json.loads decodes it.
 unstorable_texts = st.builds(
     lambda before, bad, after: before + bad + after,
     st.text(chars, max_size=3),
@@ -239,25 +213,11 @@ def test_generated_listings_decode_as_json_loads_does(body: bytes) -> None:
     note(repr(body))
     want = expected(body)
     assert want is not None, "the generator makes valid listings only"
-    has_unstorable = any(unstorable(s) for s in strings_in(want))
-    encoding = json.detect_encoding(body)
-    text = body.decode(encoding, "surrogatepass")
-    # UTF-8 without an escape or a raw lone surrogate: nothing can hold a NUL or a surrogate.
-    # (Other encodings may be flagged risky wholesale: a false alarm only costs checks.)
-    clean = (
-        encoding in ("utf-8", "utf-8-sig")
-        and "\\u" not in text
-        and not re.search("[\ud800-\udfff]", text)
-    )
     for chunk_size in CHUNK_SIZES:
         records = stream(body, chunk_size)
         got = list(records)
         assert canonical(got) == canonical(want), f"chunk_size={chunk_size}"
         assert records.seen == len(want)
-        if clean:
-            assert records.risky is False, f"chunk_size={chunk_size}"
-        if has_unstorable:
-            assert records.risky is True, f"chunk_size={chunk_size}"
 
 
 @st.composite
@@ -471,69 +431,6 @@ def test_invalid_utf16_and_utf32_raise_response_error() -> None:
                 list(stream(body, chunk_size))
 
 
-# --- risky --------------------------------------------------------------------------------
-
-ESCAPES = ["\\u0000", "\\ud800", "\\uDBFF", "\\udc00", "\\uDFFF"]
-
-
-def risky_bodies() -> Iterator[bytes]:
-    """Bodies whose only NUL or lone surrogate is one escape, shifted through every offset."""
-    for escape in ESCAPES:
-        for pad in range(12):
-            x = "x" * pad
-            yield f'{{"datasets": [{" " * pad}"{escape}"]}}'.encode()
-            yield f'{{"datasets": ["{x}{escape}"]}}'.encode()
-            yield f'{{"datasets": [{{"dataset_id": "a{x}{escape}"}}]}}'.encode()
-            yield f'{{"datasets": [{{"{x}{escape}": 1}}]}}'.encode()
-            yield f'{{"{x}{escape}": 1, "datasets": [{{}}]}}'.encode()
-            yield f'{{"datasets": [1, 2, "{x}{escape}"]}}'.encode()
-
-
-def risky_after_reading(body: bytes, chunk_size: int | None) -> bool:
-    """`risky` once the whole listing has been read."""
-    records = stream(body, chunk_size)
-    list(records)
-    return records.risky
-
-
-def test_risky_is_false_for_clean_bodies() -> None:
-    clean = [
-        b'{"datasets": []}',
-        b'{"datasets": ["plain", {"name": "caf\xc3\xa9 \xf0\x9f\x98\x80 \\n \\" \\\\"}]}',
-        b'{"datasets": ["\\u0041\\u00e9\\u4e2d\\ue000\\uffff", "u0000", "\\\\x"]}',
-        b'{"datasets": [{"dataset_id": "ds-1", "name": "0000 d800 \\\\ u"}], "n": 1}',
-        json.dumps({"datasets": [f"record {i}" for i in range(200)]}).encode(),
-    ]
-    for body in clean:
-        for chunk_size in [*range(1, 9), 64, None]:
-            assert risky_after_reading(body, chunk_size) is False, (body, chunk_size)
-
-
-@pytest.mark.parametrize("chunk_size", [*range(1, 9), 64, None])
-def test_risky_escape_split_by_chunk_boundary(chunk_size: int | None) -> None:
-    # With chunk_size < 6 an escape can spread over three reads or more: the scan must
-    # still see it whole (at ddf1d45 it kept only the last read's final 6 characters).
-    missed = [body for body in risky_bodies() if not risky_after_reading(body, chunk_size)]
-    assert missed == []
-
-
-def test_risky_from_a_raw_lone_surrogate() -> None:
-    # UTF-8 of a lone surrogate: json.loads(bytes) reads it with `surrogatepass`, and so do we.
-    body = '{"datasets": ["a\ud800b"]}'.encode("utf-8", "surrogatepass")
-    for chunk_size in [*range(1, 9), 64, None]:
-        records = stream(body, chunk_size)
-        assert list(records) == ["a\ud800b"]
-        assert records.risky is True, chunk_size
-
-
-def test_risky_stays_false_for_records_before_the_escape() -> None:
-    body = json.dumps({"datasets": [f"r{i}" for i in range(2000)] + ["\x00"]}).encode()
-    records = stream(body, 256)
-    flags = [(record, records.risky) for record in records]
-    assert flags[0] == ("r0", False)
-    assert flags[-1] == ("\x00", True)
-
-
 # --- streaming: a bounded amount read before the first record -----------------------------
 
 
@@ -608,7 +505,6 @@ def test_reading_stays_about_one_chunk_ahead_of_the_records() -> None:
         count += 1
     assert count == RECORDS and records.seen == RECORDS
     assert 0 < ahead <= 2 * chunk_size
-    assert records.risky is False
 
 
 def test_memory_stays_about_one_chunk_while_streaming() -> None:
@@ -662,195 +558,3 @@ def test_bom_is_skipped_like_json_loads() -> None:
     body = codecs.BOM_UTF8 + b'{"datasets": ["a"]}'
     for chunk_size in CHUNK_SIZES:
         assert list(stream(body, chunk_size)) == ["a"]
-
-
-# -- recognising stored records by their text (expect / KnownRun) -----------------------
-
-
-def elements(listing: ListingStream) -> Iterator[tuple[Any, str | None]]:
-    """Each element of the listing (a Known for each one of a KnownRun), with its digest."""
-    for element in listing:
-        if isinstance(element, KnownRun):
-            assert len(element) > 0
-            assert listing.digest() == record_digest(element.texts[-1])
-            for known in element:
-                yield known, record_digest(known.text)
-        else:
-            yield element, listing.digest()
-
-
-# Text that looks like the end of one element and the start of the next, or like a key.
-_TRICKY = st.lists(
-    st.sampled_from(["}, {", "},{", "}\n  {", '"', "\\", "{", "}", ", ", '"dataset_id": "a"', "é"]),
-    max_size=4,
-).map("".join)
-_LAYOUTS = [
-    {},
-    {"separators": (",", ":")},
-    {"indent": 2},
-    {"indent": "\t", "ensure_ascii": False},
-]
-
-
-@st.composite
-def recognisable_listings(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any]]:
-    """Records in the API's shape (ids repeat), with names and nested values that mimic a
-    boundary; and the json.dumps layout of the body."""
-    records = []
-    for _ in range(draw(st.integers(0, 12))):
-        record: dict[str, Any] = {
-            "dataset_id": draw(st.sampled_from(["a", "b", "c", "d", "é", "x y"])),
-            "name": draw(_TRICKY),
-            "user_id": "u",
-            "creation_time": "2025-01-01T00:00:00+00:00",
-        }
-        if draw(st.booleans()):
-            record["cover_asset_identifier"] = {"asset_type": "UPLOAD", "asset_id": draw(_TRICKY)}
-        if draw(st.booleans()):
-            record["more"] = [{"dataset_id": "b", "name": draw(_TRICKY)}, {}]
-        records.append(record)
-    return records, draw(st.sampled_from(_LAYOUTS))
-
-
-@given(listing=recognisable_listings(), data=st.data())
-@SETTINGS
-def test_recognised_records_are_exactly_the_stored_texts(
-    listing: tuple[list[Any], dict[str, Any]], data: st.DataObject
-) -> None:
-    records, layout = listing
-    body = json.dumps({"datasets": records}, **layout).encode()
-    decoded = list(stream(body, None))
-    first = stream(body, None)
-    digests = [first.digest() for _ in first]
-    assert [canonical(r) for r in decoded] == [canonical(r) for r in records]
-    # What a table would hold: some ids with the digest of one of their records' texts,
-    # some with a wrong one.
-    expected_map: dict[str, Any] = {}
-    for record, digest in zip(records, digests, strict=True):
-        choice = data.draw(st.sampled_from(["right", "wrong", "none"]))
-        if choice == "right":
-            expected_map[record["dataset_id"]] = "0" * 32 + str(digest)
-        elif choice == "wrong":
-            expected_map[record["dataset_id"]] = "0" * 32 + "f" * 32
-    for chunk_size in CHUNK_SIZES:
-        second = stream(body, chunk_size)
-        second.expect(expected_map)
-        for index, (element, digest) in enumerate(elements(second)):
-            assert digest == digests[index]
-            if isinstance(element, Known):
-                assert element.dataset_id == records[index]["dataset_id"]
-                assert expected_map[element.dataset_id] == "0" * 32 + digests[index]
-                element = element.decode()
-            assert canonical(element) == canonical(records[index])
-        assert second.seen == len(records)
-
-
-def test_planning_gives_up_on_a_listing_whose_records_hold_the_separator() -> None:
-    """Cuts that are never an element's end cost a bounded number of small plans, then none."""
-    records = [{"dataset_id": f"id-{i}", "name": "a}, {b"} for i in range(2000)]
-    body = json.dumps({"datasets": records}).encode()
-    listing = stream(body, None)
-    listing.expect({f"id-{i}": "0" * 64 for i in range(2000)})
-    assert [r for r, _ in elements(listing)] == records
-    assert listing._misses == jsonstream._PLAN_GIVE_UP
-    assert listing._window == jsonstream._MIN_WINDOW
-
-
-def test_a_first_sync_is_decoded_in_plans_with_the_digests() -> None:
-    """With nothing stored, records still come through the plans, each with its digest."""
-    records = [{"dataset_id": f"id-{i}", "name": f"n{i}"} for i in range(3000)]
-    body = json.dumps({"datasets": records}).encode()
-    digests = [record_digest(json.dumps(r)[1:-1]) for r in records]
-    for chunk_size in (1 << 12, None):
-        listing = stream(body, chunk_size)
-        listing.expect({})
-        plans: list[int] = []
-        make_plan = listing._make_plan
-        listing._make_plan = lambda *args, plans=plans, make_plan=make_plan: (  # type: ignore[method-assign]
-            plans.append(1) or make_plan(*args)
-        )
-        assert list(elements(listing)) == list(zip(records, digests, strict=True))
-        # A plan per stretch of records (and per buffer refill), not one per record.
-        assert 0 < len(plans) < len(records) / 20
-        assert listing._misses == 0
-        assert listing._window == jsonstream._KNOWN_WINDOW
-
-
-@pytest.mark.parametrize("layout", _LAYOUTS, ids=["default", "compact", "indent", "tabs"])
-def test_a_usual_listing_is_recognised_but_for_its_first_and_last_record(
-    layout: dict[str, Any],
-) -> None:
-    records = [
-        {
-            "dataset_id": f"id-{i}",
-            "name": f"name {i}",
-            "user_id": "u",
-            "creation_time": "2025-01-01T00:00:00+00:00",
-            "cover_asset_identifier": {"asset_type": "UPLOAD", "asset_id": f"c{i}"},
-        }
-        for i in range(50)
-    ]
-    body = json.dumps({"datasets": records}, **layout).encode()
-    first = stream(body, None)
-    stored = {r["dataset_id"]: "0" * 32 + str(first.digest()) for r in first}
-    second = stream(body, None)
-    second.expect(stored)
-    found = [element for element, _ in elements(second)]
-    known = [i for i, e in enumerate(found) if isinstance(e, Known)]
-    assert known == list(range(1, 49))
-    assert [canonical(e.decode() if isinstance(e, Known) else e) for e in found] == [
-        canonical(r) for r in records
-    ]
-
-
-@pytest.mark.parametrize(
-    "name",
-    ['}, {"x": ' + "[" * 5000, '}, {"x": ' + "1" * 5000, '}, {"x": "', "}, {", '}, {"a": 1}, {'],
-    ids=["deep-nesting", "huge-integer", "open-string", "separator", "whole-objects"],
-)
-def test_a_cut_inside_a_string_never_fails_a_valid_listing(name: str) -> None:
-    """A wrong cut starts decoding inside a string, where what stands may be anything: the
-    stream still gives exactly what json.loads gives, with each record's digest."""
-    records = [{"dataset_id": f"id-{i}", "name": name if i % 3 == 1 else "n"} for i in range(40)]
-    body = json.dumps({"datasets": records}).encode()
-    for chunk_size in CHUNK_SIZES:
-        listing = stream(body, chunk_size)
-        listing.expect({})
-        found = list(elements(listing))
-        assert [r for r, _ in found] == records
-        assert [d for _, d in found] == [record_digest(json.dumps(r)[1:-1]) for r in records]
-
-
-def stored_digests(body: bytes) -> dict[str, str]:
-    """What a table would hold after syncing `body`: each id with its text's digest."""
-    first = stream(body, None)
-    return {r["dataset_id"]: "0" * 32 + str(first.digest()) for r in first}
-
-
-def recognised(body: bytes, stored: dict[str, str]) -> int:
-    """How many elements of `body` the stream recognises by their text."""
-    listing = stream(body, None)
-    listing.expect(stored)
-    return sum(len(e) for e in listing if isinstance(e, KnownRun))
-
-
-def test_records_holding_the_separator_now_and_then_do_not_stop_recognition() -> None:
-    """One record in four holds `}, {` in its name: every other one is still recognised."""
-    records = [
-        {"dataset_id": f"id-{i}", "name": "a}, {b" if i % 4 == 0 else f"n{i}"} for i in range(4000)
-    ]
-    body = json.dumps({"datasets": records}).encode()
-    # All but the separator-holding ones, the first (read to learn the separator) and
-    # the last (not followed by one).
-    assert recognised(body, stored_digests(body)) >= 3000 - 2
-
-
-def test_large_records_are_recognised_again_after_a_wrong_cut() -> None:
-    """After a wrong cut the next plan is small; records larger than it must not stop it."""
-    records = [
-        {"dataset_id": f"id-{i}", "name": ("a}, {b" if i == 5 else "n") + "x" * 6000}
-        for i in range(200)
-    ]
-    body = json.dumps({"datasets": records}).encode()
-    # A few go the usual way while the window grows back (and at each buffer refill).
-    assert recognised(body, stored_digests(body)) >= 200 - 10
