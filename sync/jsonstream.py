@@ -28,7 +28,8 @@ class ListingStream:
     """Iterate the elements of a listing body's `datasets` array (at most once).
 
     Raises ResponseError, while iterating, when the body is not valid JSON, or not an
-    object with exactly one `datasets` array. `seen` counts the elements handed out.
+    object with exactly one `datasets` array. `seen` counts the elements handed out, and
+    `text()` is the JSON text of the one handed out last (until the next is asked for).
     """
 
     def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
@@ -39,6 +40,7 @@ class ListingStream:
         self._offset = 0  # characters dropped from the front of _buf so far
         self._eof = False
         self._decoder: codecs.IncrementalDecoder | None = None
+        self._start = 0  # where the element handed out last starts, from the body's start
         self.seen = 0
 
     def __iter__(self) -> Iterator[Any]:
@@ -122,11 +124,18 @@ class ListingStream:
             return
         while True:
             self._skip_ws()
+            self._start = self._offset + self._pos
             element = self._value()
             self.seen += 1
             yield element
             if self._closed_by("]"):
                 return
+
+    def text(self) -> str:
+        """The JSON text of the element handed out last, exactly as the body spells it."""
+        # Reading more drops only what lies before the element being decoded, so the
+        # element is still in the buffer until the next one is asked for.
+        return self._buf[self._start - self._offset : self._pos]
 
     def _closed_by(self, close: str) -> bool:
         """Consume the `,` or `close` after a member; True if it was `close`."""

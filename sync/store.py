@@ -16,7 +16,7 @@ is the one for `datasets`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.dml import Insert
 
 from sync.errors import MassDeleteRefused
+from sync.jsonstream import ListingStream
 from sync.models import (
     CHANGE_DELETE,
     CHANGE_INSERT,
@@ -50,7 +51,7 @@ from sync.models import (
     Counts,
     UTCDateTime,
 )
-from sync.records import InvalidRecord, Reject, content_hash, hashed_by_these_rules
+from sync.records import InvalidRecord, Reject, canonical, record_hash
 from sync.resource import Resource
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ BATCH_SIZE = 500
 MAX_KEPT_REJECTS = 20
 # What the diff remembers of each key it met; the last occurrence decides.
 _STAGED, _SAME, _REJECTED = "staged", "same", "rejected"
+_OUTCOMES = frozenset({_STAGED, _SAME, _REJECTED})
 
 
 @dataclass
@@ -80,7 +82,7 @@ def apply(
     conn: Connection,
     resource: Resource,
     account: str,
-    records: Iterable[Any],
+    records: ListingStream,
     run_id: int,
     now: datetime,
     max_delete_fraction: float | None = None,
@@ -94,14 +96,13 @@ def apply(
     step = checkpoint or _no_checkpoint
     stage = _Stage(conn, resource)
     diff = _Diff(conn, resource, account, stage, step)
-    seen = 0
-    for seen, record in enumerate(records, 1):
-        diff.add(seen - 1, record)
+    for record in records:
+        diff.add(records.seen - 1, record, records.text())
     diff.flush()
     gone = diff.gone()
     staged = stage.counts()
     counts = Counts(
-        seen=seen,
+        seen=records.seen,
         inserted=staged.get(CHANGE_INSERT, 0),
         updated=staged.get(CHANGE_UPDATE, 0) + staged.get(CHANGE_RESTORE, 0),
         unchanged=diff.unchanged(),
@@ -109,7 +110,7 @@ def apply(
         rejected=diff.reject_count,
     )
     try:
-        _guard_mass_delete(resource, account, len(gone), len(diff.stored), max_delete_fraction)
+        _guard_mass_delete(resource, account, len(gone), diff.active, max_delete_fraction)
     except MassDeleteRefused as exc:
         exc.counts = counts  # type: ignore[attr-defined]  # for the failed run's row
         raise
@@ -146,8 +147,11 @@ class _Diff:
         self.stage = stage
         self.step = step
         self.values = attrgetter(*resource.columns)
-        self.stored, self.deleted, self.shared = _load(conn, resource, account)
-        self.outcome: dict[str, str] = {}
+        # Key -> its stored hash (active rows of this account), then, once met in the
+        # listing, what became of it (_STAGED, _SAME or _REJECTED). One dict: a million
+        # keys cost its memory once.
+        self.state, self.deleted, self.shared = _load(conn, resource, account)
+        self.active = len(self.state)
         self.pending: dict[str, _Change] = {}
         # Keys already in the stage that a later occurrence replaces or withdraws.
         self.unstage: list[str] = []
@@ -156,38 +160,51 @@ class _Diff:
         self.complete = True
         self.duplicates: list[str] = []
 
-    def add(self, index: int, record: Any) -> None:
-        """Diff one record: unchanged, staged as a change, or rejected."""
+    def add(self, index: int, record: Any, text: str) -> None:
+        """Diff one record (`text`: its JSON text): unchanged, staged as a change, or rejected."""
         key = self.resource.key_of(record)
         if key is None:
             self._reject(index, None, _why_invalid(self.resource, record))
             return
-        earlier = self.outcome.get(key)
-        if earlier is not None:
-            if earlier != _REJECTED:
-                self.duplicates.append(key)
-            if earlier == _STAGED and self.pending.pop(key, None) is None:
-                self.unstage.append(key)
+        old = self.state.get(key)
+        if old in _OUTCOMES:
+            old = self._met_again(key, old)
+        digest = record_hash(text)
+        if old == digest:
+            # The text of the stored row, under the same rules: the same row.
+            self.state[key] = _SAME
+            return
         try:
             row = self.resource.parse(record)
         except InvalidRecord as exc:
             # Its stored row, if any, is left exactly as it is (and not soft-deleted).
-            self.outcome[key] = _REJECTED
+            self.state[key] = _REJECTED
             self._reject(index, key, str(exc))
-            return
-        digest = content_hash(self.values(row))
-        old = self.stored.get(key)
-        if old == digest:
-            self.outcome[key] = _SAME
             return
         if key in self.deleted:
             change = CHANGE_RESTORE
         else:
             change = CHANGE_INSERT if old is None else CHANGE_UPDATE
-        self.outcome[key] = _STAGED
+        self.state[key] = _STAGED
         self.pending[key] = _Change(row, digest, change, self.account, old)
         if len(self.pending) >= FLUSH_ROWS:
             self.flush()
+
+    def _met_again(self, key: str, earlier: str) -> str | None:
+        """A key listed again: undo its earlier occurrence; return its stored hash."""
+        if earlier != _REJECTED:
+            self.duplicates.append(key)
+        if earlier == _STAGED and self.pending.pop(key, None) is None:
+            self.unstage.append(key)
+        # Rare (the API does not repeat keys): the stored hash is read again.
+        table = self.resource.table
+        return self.conn.execute(
+            select(table.c.content_hash).where(
+                table.c[self.resource.key] == key,
+                table.c.account == self.account,
+                table.c.deleted_at.is_(None),
+            )
+        ).scalar()
 
     def flush(self) -> None:
         """Stage the pending changes (and withdraw replaced ones)."""
@@ -219,29 +236,30 @@ class _Diff:
                     batch[key] = change._replace(change=CHANGE_RESTORE)
                 elif digest == change.digest:
                     del batch[key]
-                    self.outcome[key] = _SAME
+                    self.state[key] = _SAME
                 else:
                     batch[key] = change._replace(
                         change=CHANGE_UPDATE, owner=owner, old_digest=digest
                     )
 
     def _confirm(self, batch: dict[str, _Change]) -> None:
-        """Updates over a hash made by older rules: compare the stored columns themselves."""
-        stale = [
-            key
-            for key, change in batch.items()
-            if change.change == CHANGE_UPDATE and not hashed_by_these_rules(change.old_digest)
-        ]
+        """A new hash says only that the text differs: compare the columns themselves.
+
+        The same columns (the API spaced its JSON otherwise, or the rules' version changed
+        and mapped the record the same way): not a change, only the hash is updated.
+        """
+        updates = [key for key, change in batch.items() if change.change == CHANGE_UPDATE]
         table = self.resource.table
         key_column = table.c[self.resource.key]
         columns = [table.c[name] for name in self.resource.columns]
-        for match in _matching(self.conn, key_column, stale):
+        for match in _matching(self.conn, key_column, updates):
             refreshed = []
-            for key, *values in self.conn.execute(select(key_column, *columns).where(match)):
-                if content_hash(values) == batch[key].digest:
-                    # The same columns: not a change. Only the hash is brought up to date.
-                    refreshed.append({"b_key": key, "b_digest": batch.pop(key).digest})
-                    self.outcome[key] = _SAME
+            for key, *stored in self.conn.execute(select(key_column, *columns).where(match)):
+                change = batch[key]
+                if canonical(stored) == canonical(self.values(change.row)):
+                    del batch[key]
+                    self.state[key] = _SAME
+                    refreshed.append({"b_key": key, "b_digest": change.digest})
             if refreshed:
                 self.conn.execute(
                     update(table)
@@ -261,18 +279,19 @@ class _Diff:
 
     def unchanged(self) -> int:
         """Keys whose last occurrence matched the stored row."""
-        return sum(1 for outcome in self.outcome.values() if outcome == _SAME)
+        return sum(1 for outcome in self.state.values() if outcome == _SAME)
 
     def gone(self) -> list[str]:
         """The account's active keys the listing no longer holds (none if it is incomplete)."""
+        gone = [key for key, value in self.state.items() if value not in _OUTCOMES]
         if not self.complete:
-            if self.stored.keys() - self.outcome.keys():
+            if gone:
                 log.warning(
                     "a rejected record had no usable %s, so this run soft-deletes nothing",
                     self.resource.key,
                 )
             return []
-        return sorted(self.stored.keys() - self.outcome.keys())
+        return sorted(gone)
 
 
 def _why_invalid(resource: Resource, record: Any) -> str:
@@ -301,7 +320,7 @@ def _load(
         if is_deleted:
             deleted.add(key)
         else:
-            stored[key] = digest or ""
+            stored[key] = digest or ""  # "" (no hash yet) matches nothing, and is stored
     # Two lookups at the ends of the account index (one SELECT of both would scan it).
     low, high = conn.execute(
         select(
@@ -376,25 +395,32 @@ class _Stage:
         )
         self.table.create(conn)
         self.size = 0
+        # Rows go to the driver as it takes them, each value through its column type's own
+        # bind processor: what SQLAlchemy does per row, without building a dict of
+        # parameters for each (that was most of a first sync's time in the stage).
+        dialect = conn.dialect
+        self.bind = [
+            (index, process)
+            for index, column in enumerate(self.table.columns)
+            if (process := column.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        names = ", ".join(column.name for column in self.table.columns)
+        marks = ", ".join(mark for _ in self.table.columns)
+        self.insert_sql = f"INSERT INTO {self.NAME} ({names}) VALUES ({marks})"
 
     def add(self, batch: dict[str, _Change]) -> None:
         """Stage `batch` (key -> change)."""
-        if not batch:
-            return
         values = attrgetter(*self.resource.columns)
         rows = []
         for key, change in batch.items():
             self.size += 1
-            row = dict(zip(self.resource.columns, values(change.row), strict=True))
-            row.update(
-                seq=self.size,
-                account=change.owner,
-                content_hash=change.digest,
-                change_type=change.change,
-            )
-            row[self.resource.key] = key
-            rows.append(row)
-        self.conn.execute(insert(self.table), rows)
+            row = [self.size, key, change.owner, *values(change.row), change.digest, change.change]
+            for index, process in self.bind:
+                row[index] = process(row[index])
+            rows.append(tuple(row))
+        if rows:
+            self.conn.exec_driver_sql(self.insert_sql, rows)
 
     def remove(self, keys: Sequence[str]) -> None:
         """Withdraw staged rows (a later occurrence of their key decides instead)."""

@@ -185,16 +185,24 @@ def test_shipped_example_parses() -> None:
     assert len(listing.rows) == 3 and listing.rejects == []
 
 
-def test_the_content_hash_carries_its_version_and_tells_json_types_apart() -> None:
-    when = datetime(2024, 12, 15, 17, 32, tzinfo=UTC)
-    row = ["Cats", "u", when, None, None, {"b": [1, 2], "a": True}]
-    digest = records.content_hash(row)
+def test_the_record_hash_is_of_the_text_under_these_rules() -> None:
+    text = '{"dataset_id": "a", "name": "Cats"}'
+    digest = records.record_hash(text)
     assert digest.startswith(f"{records.HASH_VERSION}:") and len(digest) == 32
+    assert records.record_hash(text) == digest
+    assert records.record_hash(text.replace(": ", ":")) != digest  # the text, not the value
+    assert records.record_hash('{"name": "\ud800"}') != records.record_hash('{"name": "\udc00"}')
+
+
+def test_canonical_values_tell_json_types_apart() -> None:
+    when = datetime(2024, 12, 15, 17, 32, tzinfo=UTC)
+    row = ("Cats", "u", when, None, None, {"b": [1, 2], "a": True})
+    same = records.canonical(row)
     # Key order of the unknown fields does not matter; the JSON types do.
-    assert records.content_hash([*row[:5], {"a": True, "b": [1, 2]}]) == digest
-    assert records.content_hash([*row[:5], {"a": 1, "b": [1, 2]}]) != digest
-    assert records.content_hash([*row[:5], {"a": True, "b": [1.0, 2]}]) != digest
-    # Every value counts, and a time counts as the instant it is.
-    assert records.content_hash(["Cats ", *row[1:]]) != digest
+    assert records.canonical((*row[:5], {"a": True, "b": [1, 2]})) == same
+    assert records.canonical((*row[:5], {"a": 1, "b": [1, 2]})) != same
+    assert records.canonical((*row[:5], {"a": True, "b": [1.0, 2]})) != same
+    assert records.canonical((True,)) != records.canonical((1,)) != records.canonical((1.0,))
+    # A time counts as the instant it is.
     later = datetime(2024, 12, 15, 17, 32, 0, 1, tzinfo=UTC)
-    assert records.content_hash([*row[:2], later, *row[3:]]) != digest
+    assert records.canonical((*row[:2], later, *row[3:])) != same
