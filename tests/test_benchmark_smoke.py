@@ -45,11 +45,8 @@ def test_benchmark_quick_run_writes_results_for_every_phase(tmp_path: Path) -> N
             assert row[tool].keys() >= TOOL_KEYS
             assert len(row[tool]["wall_s"]) == 1
             assert row[tool]["peak_rss_mb"] > 0
-    # At N = 1,000 only the start-up targets can be checked; each has a verdict.
-    assert {t["target"] for t in report["targets"]} == {
-        "`ideogram-sync --help` start-up",
-        "`ideogram-sync status` start-up",
-    }
+    # At N = 1,000 only the start-up target can be checked (the ratios are at 1,000,000).
+    assert {t["target"] for t in report["targets"]} == {"`ideogram-sync status` start-up"}
     assert all(isinstance(t["pass"], bool) for t in report["targets"])
     # The floors: one per backend for the 1% re-run, and SQLAlchemy's import for `status`.
     floors = {(f["floor"], f["backend"]): f for f in report["floors"]}
