@@ -1,21 +1,21 @@
 """What a `GET /datasets` record means: its checks, the row it becomes, its content hash.
 
-Pure: no I/O. `DATASETS` describes the listing to the sync engine (store.py).
+Pure: no I/O. `DATASETS` describes the listing to the sync engine (store.py), which streams
+a body through these rules; tests/listing.py applies them to a whole body in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sync.jsonstream import ListingStream, json_type
+from sync.jsonstream import json_type
 from sync.models import dataset_history, datasets
 from sync.resource import Resource
 
@@ -95,26 +95,6 @@ class Reject:
     reason: str
 
 
-@dataclass
-class Listing:
-    """A parsed listing: the valid rows by id (last occurrence wins) and the rejects."""
-
-    rows: dict[str, DatasetRow] = field(default_factory=dict)
-    rejects: list[Reject] = field(default_factory=list)
-    seen: int = 0
-    duplicates: list[str] = field(default_factory=list)
-
-    @property
-    def protected_ids(self) -> set[str]:
-        """Ids of rejected records: their stored rows must be left exactly as they are."""
-        return {r.dataset_id for r in self.rejects if r.dataset_id} - self.rows.keys()
-
-    @property
-    def complete(self) -> bool:
-        """False when a reject had no usable id, so absence from the listing proves nothing."""
-        return all(r.dataset_id for r in self.rejects)
-
-
 class InvalidRecord(ValueError):
     """Raised inside the parser for one record; becomes a Reject."""
 
@@ -150,33 +130,6 @@ def _to_utc(parsed: datetime, value: str) -> datetime:
         return parsed.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 falls before year 1 in UTC
         raise ValueError(f"out of range once converted to UTC: {_short(value)}") from None
-
-
-def parse_listing(body: bytes | str) -> Listing:
-    """Parse a whole response body into a Listing; raise ResponseError when it is unusable.
-
-    Holds every row in memory: for tests and small bodies. The sync streams the body
-    through the same rules instead (store.apply).
-    """
-    if isinstance(body, str):
-        body = body.encode("utf-8", "surrogatepass")
-    stream = ListingStream(io.BytesIO(body))
-    listing = Listing()
-    for index, record in enumerate(stream):
-        dataset_id = dataset_key(record)
-        try:
-            row = parse_record(record)
-        except InvalidRecord as exc:
-            listing.rejects.append(Reject(index, dataset_id, str(exc)))
-            if dataset_id is not None:
-                # The last occurrence decides; a rejected one leaves the stored row alone.
-                listing.rows.pop(dataset_id, None)
-            continue
-        if row.dataset_id in listing.rows:
-            listing.duplicates.append(row.dataset_id)
-        listing.rows[row.dataset_id] = row
-    listing.seen = stream.seen
-    return listing
 
 
 def parse_record(record: Any) -> DatasetRow:

@@ -26,8 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft7Validator, FormatChecker
 
-from sync.records import parse_listing, parse_timestamp
+from sync.records import parse_timestamp
 from tests.fakeapi import FakeApi, dataset, synthetic
+from tests.listing import parse_listing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 API_DIR = SHARED / "ideogram-api"

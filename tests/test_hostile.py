@@ -29,11 +29,10 @@ from sync.records import (
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,
     DatasetRow,
-    Listing,
-    parse_listing,
 )
 from tests.conftest import rows
 from tests.fakeapi import FakeApi, Reply, dataset
+from tests.listing import Listing, parse_listing
 
 KNOWN = frozenset({"dataset_id", "name", "user_id", "creation_time", "cover_asset_identifier"})
 KNOWN_COVER = frozenset({"asset_type", "asset_id"})

@@ -89,7 +89,7 @@ def test_backfilled_hashes_make_the_next_run_unchanged(cli, fake_api, db_url: st
     # Rows written by a version before 0005, i.e. without a digest.
     engine = make_engine(db_url)
     try:
-        from sync.records import parse_listing
+        from tests.listing import parse_listing
 
         parsed = parse_listing(json.dumps({"datasets": listing}))
         meta = sa.MetaData()

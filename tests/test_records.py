@@ -10,8 +10,9 @@ import pytest
 
 from sync import records
 from sync.errors import ResponseError
-from sync.records import parse_listing, parse_record, parse_timestamp
+from sync.records import parse_record, parse_timestamp
 from tests.fakeapi import dataset
+from tests.listing import parse_listing
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "ideogram-api" / "openapi.json"
 

@@ -31,8 +31,9 @@ from sync.errors import Cancelled
 from sync.job import sync_account
 from sync.jsonstream import ListingStream
 from sync.models import dataset_history, datasets, sync_runs
-from sync.records import CONTENT_COLUMNS, DATASETS, Listing, canonical, parse_listing
+from sync.records import CONTENT_COLUMNS, DATASETS, canonical
 from tests.fakeapi import synthetic
+from tests.listing import Listing, parse_listing
 
 COUNTED = ("datasets_seen", "inserted", "updated", "unchanged", "deleted", "rejected")
 CONTENT = ("account", *CONTENT_COLUMNS)
