@@ -63,6 +63,21 @@ def add_column(table: str, column: sa.Column[Any]) -> None:
         op.add_column(table, column)
 
 
+def drop_column(table: str, column: str) -> None:
+    """Drop `column` of `table` (batch mode, for SQLite), unless it is gone already."""
+    if not has_column(table, column):
+        return
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds the table under a temporary name; without this, SQLite
+        # refuses the final rename because the views name the table.
+        op.execute("PRAGMA legacy_alter_table = ON")
+    with op.batch_alter_table(table) as batch:
+        batch.drop_column(column)
+    if sqlite:
+        op.execute("PRAGMA legacy_alter_table = OFF")
+
+
 def drop_index(name: str, table: str) -> None:
     """`op.drop_index`, unless the index is gone already."""
     if has_index(table, name):

@@ -11,7 +11,6 @@ without counting or recording a change.
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 
 try:  # installed, editable or not: the package sync.migrations
     from sync.migrations import resumable
@@ -30,14 +29,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    sqlite = op.get_bind().dialect.name == "sqlite"
-    if sqlite:
-        # Batch mode rebuilds the table under a temporary name; without this, SQLite
-        # refuses the final rename because the views name datasets.
-        op.execute("PRAGMA legacy_alter_table = ON")
-    with op.batch_alter_table("datasets") as batch:
-        # Only if still there: a stopped downgrade is finished by running it again.
-        if resumable.has_column("datasets", "record_digest"):
-            batch.drop_column("record_digest")
-    if sqlite:
-        op.execute("PRAGMA legacy_alter_table = OFF")
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.drop_column("datasets", "record_digest")

@@ -14,7 +14,6 @@ Create Date: 2026-12-06
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 
 try:  # installed, editable or not: the package sync.migrations
     from sync.migrations import resumable
@@ -28,17 +27,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    sqlite = op.get_bind().dialect.name == "sqlite"
-    if sqlite:
-        # Batch mode rebuilds the table under a temporary name; without this, SQLite
-        # refuses the final rename because the views name datasets.
-        op.execute("PRAGMA legacy_alter_table = ON")
-    with op.batch_alter_table("datasets") as batch:
-        # Only if still there: a stopped migration is finished by running it again.
-        if resumable.has_column("datasets", "record_digest"):
-            batch.drop_column("record_digest")
-    if sqlite:
-        op.execute("PRAGMA legacy_alter_table = OFF")
+    # Skips itself when done: see migrations/resumable.py.
+    resumable.drop_column("datasets", "record_digest")
 
 
 def downgrade() -> None:
