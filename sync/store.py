@@ -3,9 +3,10 @@
 One pipeline, the same on every backend, all in the caller's transaction (it never commits):
 
 1. `_load`: the account's stored keys and content hashes, nothing else.
-2. `_Diff`: each record is parsed once and its content hashed; a new, changed or restored row
-   goes to the stage table, a batch at a time, so memory holds keys and hashes, not rows.
-   A key listed again replaces its earlier occurrence: the last one decides.
+2. `_Diff`: each record's text is hashed; the stored hash means unchanged, anything else is
+   parsed and compared with the stored columns; a new, changed or restored row goes to the
+   stage table, a batch at a time, so memory holds keys and hashes, not rows. A key listed
+   again replaces its earlier occurrence: the last one decides.
 3. `_Stage.merge`: the stage goes into the table and its history, one chunk per statement.
 4. `_soft_delete`: the account's active rows that the listing no longer holds.
 
@@ -121,13 +122,12 @@ def apply(
 
 
 class _Change(NamedTuple):
-    """A row to stage: what it is, whose it is, and the stored hash it replaces."""
+    """A row to stage: what it is, its hash, the kind of change, and whose row it is."""
 
     row: Any
     digest: str
     change: str
     owner: str
-    old_digest: str | None
 
 
 class _Diff:
@@ -186,7 +186,7 @@ class _Diff:
         else:
             change = CHANGE_INSERT if old is None else CHANGE_UPDATE
         self.state[key] = _STAGED
-        self.pending[key] = _Change(row, digest, change, self.account, old)
+        self.pending[key] = _Change(row, digest, change, self.account)
         if len(self.pending) >= FLUSH_ROWS:
             self.flush()
 
@@ -238,9 +238,7 @@ class _Diff:
                     del batch[key]
                     self.state[key] = _SAME
                 else:
-                    batch[key] = change._replace(
-                        change=CHANGE_UPDATE, owner=owner, old_digest=digest
-                    )
+                    batch[key] = change._replace(change=CHANGE_UPDATE, owner=owner)
 
     def _confirm(self, batch: dict[str, _Change]) -> None:
         """A new hash says only that the text differs: compare the columns themselves.
