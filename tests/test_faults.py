@@ -634,23 +634,9 @@ def test_sigterm_in_the_middle_of_a_migration_says_what_it_left(
     db_url: str, tmp_path: Path
 ) -> None:
     """MariaDB commits DDL as it goes: the message must not claim a rollback there."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
-    env.update(PYTHONPATH=str(ROOT), IDEOGRAM_SYNC_DATABASE_URL=db_url)
-    marker = tmp_path / "paused"
-    paused = {
-        **env,
-        "PAUSE_AFTER": "ALTER TABLE datasets ADD COLUMN content_hash",
-        "PAUSE_MARKER": str(marker),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.test_migration_resume", "migrate"],
-        cwd=ROOT,
-        env=paused,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(marker, proc)  # type: ignore[arg-type]
+    from tests.test_migration_resume import paused_migrate
+
+    proc, env = paused_migrate(db_url, tmp_path)
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc, 10)
     assert code == 143, err

@@ -392,11 +392,9 @@ def _python(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
     )
 
 
-def test_kill_9_in_the_middle_of_a_migration(db_url: str, tmp_path: Path) -> None:
-    """A real `migrate` process killed after 0005 added its column: the next `migrate`
-    finishes, and a sync works. (PostgreSQL and SQLite: the kill left nothing at all.)"""
-    from sync.db import current_revision, head_revision, make_engine
-
+def paused_migrate(db_url: str, tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """A real `migrate` of `db_url`, paused right after 0005 added its column; and the
+    environment for running the tool on the same database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
     env.update(PYTHONPATH=str(ROOT), IDEOGRAM_SYNC_DATABASE_URL=db_url)
     marker = tmp_path / "paused"
@@ -409,11 +407,22 @@ def test_kill_9_in_the_middle_of_a_migration(db_url: str, tmp_path: Path) -> Non
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 60
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        process.kill()
+        raise AssertionError(f"migrate never reached the pause: {process.communicate()}")
+    return process, env
+
+
+def test_kill_9_in_the_middle_of_a_migration(db_url: str, tmp_path: Path) -> None:
+    """A real `migrate` process killed after 0005 added its column: the next `migrate`
+    finishes, and a sync works. (PostgreSQL and SQLite: the kill left nothing at all.)"""
+    from sync.db import current_revision, head_revision, make_engine
+
+    process, env = paused_migrate(db_url, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), f"migrate never reached the pause: {process.communicate()}"
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
