@@ -1,10 +1,10 @@
-"""datasets.record_digest dropped: every record is parsed on every run
+"""datasets.record_digest dropped: the content hash is of the record's text, under a version
 
 A run recognised a record whose JSON text was unchanged by this digest and did not parse it
-again, so a new column or a fixed parse never reached such rows. Records are now always
-parsed, and the content hash carries the version of the rules it was made by
-(sync.records.HASH_VERSION): rows stored under older rules are compared column by column on
-the next run, and only those whose columns differ are updated.
+again, and nothing told a new column or a fixed parse to reach such rows. The content hash
+now is the hash of the record's text under a version of the parse rules
+(sync.records.HASH_VERSION): a new version makes every stored hash differ, so every record
+is parsed again, and only rows whose columns differ are updated.
 
 Revision ID: 0010
 Revises: 0009
