@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # imported lazily at run time so `--help` starts fast
 
     from sync.client import PendingFetch
     from sync.config import Account, Settings
+    from sync.output import Progress
 
 log = logging.getLogger("sync")
 
@@ -139,19 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.set_defaults(handler=_cmd_daemon)
 
-    shown = commands.add_parser("datasets", parents=[common], help="print the synced datasets")
-    shown.add_argument(
-        "--format",
-        choices=("table", "csv", "json"),
-        default="table",
-        help="table (default), csv or json (csv and json carry every column)",
-    )
-    shown.add_argument(
-        "--include-deleted",
-        action="store_true",
-        help="include datasets that are soft-deleted (deleted_at set)",
-    )
-    shown.set_defaults(handler=_cmd_datasets)
+    for noun in ("datasets", "models"):
+        shown = commands.add_parser(noun, parents=[common], help=f"print the synced {noun}")
+        shown.add_argument(
+            "--format",
+            choices=("table", "csv", "json"),
+            default="table",
+            help="table (default), csv or json (csv and json carry every column)",
+        )
+        shown.add_argument(
+            "--include-deleted",
+            action="store_true",
+            help=f"include {noun} that are soft-deleted (deleted_at set)",
+        )
+        shown.set_defaults(handler=_cmd_rows)
     return parser
 
 
@@ -374,10 +376,21 @@ def _run_accounts(
             body=body,
             allow_mass_delete=args.allow_mass_delete,
             prefetched=prefetched,
+            progress=_progress(args),
         )
     finally:
         engine.dispose()
     return worst_exit_code([o.error.exit_code if o.error else EXIT_OK for o in outcomes])
+
+
+def _progress(args: argparse.Namespace) -> Progress | None:
+    """The details fetch's progress on stderr, only when a person watches it (a terminal,
+    text logs): never under cron, systemd or a log collector."""
+    if args.log_format != "text" or not sys.stderr.isatty():
+        return None
+    from sync.output import Progress
+
+    return Progress(sys.stderr)
 
 
 def _prefetch(account: Account) -> dict[str, PendingFetch]:
@@ -443,7 +456,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from sync.db import database_error
     from sync.output import write_runs
-    from sync.runs import last_success_by_account, latest_runs
+    from sync.runs import last_successes, latest_runs
 
     if args.limit < 1:
         raise ConfigError("--limit must be 1 or more")
@@ -453,7 +466,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     try:
         _require_tables(engine)
         runs = latest_runs(engine, args.limit)
-        successes = last_success_by_account(engine)
+        successes = last_successes(engine)
     except SQLAlchemyError as exc:
         raise database_error(exc, settings.database.url, "reading sync_runs") from exc
     finally:
@@ -464,69 +477,72 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("no runs recorded yet")
     else:
         write_runs(runs, "table", sys.stdout)
-    newest: dict[str, str] = {}
+    newest: dict[tuple[str, str], str] = {}
     for run in runs:
-        newest.setdefault(run.account, run.status)
+        newest.setdefault((run.account, run.resource), run.status)
     if max_age is None:
         healthy = bool(newest) and all(status == "success" for status in newest.values())
         return EXIT_OK if healthy else EXIT_FAILED
-    problems = stale_accounts(
-        [a.name for a in settings.accounts], newest, successes, max_age, datetime.now(UTC)
-    )
+    expected = [(a.name, r) for a in settings.accounts for r in settings.sync.resources]
+    problems = stale_accounts(expected, newest, successes, max_age, datetime.now(UTC))
     for problem in problems:
         log.warning("stale: %s", problem)
     return EXIT_STALE if problems else EXIT_OK
 
 
 def stale_accounts(
-    accounts: Sequence[str],
-    newest_status: dict[str, str],
-    last_success: dict[str, datetime],
+    expected: Sequence[tuple[str, str]],
+    newest_status: dict[tuple[str, str], str],
+    last_success: dict[tuple[str, str], datetime],
     max_age_seconds: float,
     now: datetime,
 ) -> list[str]:
-    """Why each configured account is not fresh; empty when all are."""
-    # Only configured accounts: one removed from the config must not fail the check forever.
+    """Why each configured (account, resource) is not fresh; empty when all are."""
+    # Only configured ones: an account removed from the config must not fail the check forever.
     problems = []
-    for account in sorted(accounts):
-        success = last_success.get(account)
-        if newest_status.get(account) not in (None, "success", "running"):
-            problems.append(f"account {account}: its last run {newest_status[account]}")
+    for account, resource in sorted(expected):
+        label = f"account {account}" + ("" if resource == "datasets" else f" ({resource})")
+        success = last_success.get((account, resource))
+        status = newest_status.get((account, resource))
+        if status not in (None, "success", "running"):
+            problems.append(f"{label}: its last run {status}")
         elif success is None:
-            problems.append(f"account {account}: no successful run yet")
+            problems.append(f"{label}: no successful run yet")
         elif (age := (now - success).total_seconds()) > max_age_seconds:
-            problems.append(
-                f"account {account}: last success {age:.0f}s ago, more than {max_age_seconds:g}s"
-            )
+            problems.append(f"{label}: last success {age:.0f}s ago, more than {max_age_seconds:g}s")
     return problems
 
 
-def _cmd_datasets(args: argparse.Namespace) -> int:
+def _cmd_rows(args: argparse.Namespace) -> int:
     from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
     from sync.db import database_error
-    from sync.models import datasets
-    from sync.output import write_datasets
+    from sync.models import datasets, models
+    from sync.output import DATASET_TABLE_COLUMNS, MODEL_TABLE_COLUMNS, write_rows
 
+    table, key, shown = {
+        "datasets": (datasets, "dataset_id", DATASET_TABLE_COLUMNS),
+        "models": (models, "model_id", MODEL_TABLE_COLUMNS),
+    }[args.command]
     settings = _settings(args)
     engine = _open_engine(settings, read_only=True)
-    query = select(datasets).order_by(datasets.c.creation_time.desc(), datasets.c.dataset_id)
+    query = select(table).order_by(table.c.creation_time.desc(), table.c[key])
     if not args.include_deleted:
-        query = query.where(datasets.c.deleted_at.is_(None))
+        query = query.where(table.c.deleted_at.is_(None))
     try:
         _require_tables(engine)
         with engine.connect() as conn:
             # Streamed in chunks, so a large table is never held in memory at once.
             result = conn.execution_options(yield_per=1000).execute(query)
-            count = write_datasets(
-                (r._mapping for r in result), datasets.c.keys(), args.format, sys.stdout
+            count = write_rows(
+                (r._mapping for r in result), table.c.keys(), shown, args.format, sys.stdout
             )
     except SQLAlchemyError as exc:
-        raise database_error(exc, settings.database.url, "reading datasets") from exc
+        raise database_error(exc, settings.database.url, f"reading {table.name}") from exc
     finally:
         engine.dispose()
-    log.debug("printed %d datasets", count)
+    log.debug("printed %d %s", count, table.name)
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""The Ideogram API client: one retrying HTTP session and `fetch_datasets`."""
+"""The Ideogram API client: one retrying HTTP session, and a listing (`GET /datasets`,
+`GET /models`) fetched into a file within a deadline. detail_fetch.py fetches the details."""
 
 from __future__ import annotations
 
@@ -42,8 +43,11 @@ class CancelFlag(Protocol):
         ...
 
 
-def make_session(api: ApiSettings, api_key: str) -> requests.Session:
-    """A Session with the key, a User-Agent and urllib3 retries (backoff, Retry-After)."""
+def make_session(api: ApiSettings, api_key: str, retry_429: bool = True) -> requests.Session:
+    """A Session with the key, a User-Agent and urllib3 retries (backoff, Retry-After).
+
+    `retry_429=False` hands a 429 back to the caller (detail_fetch.py pauses every worker).
+    """
     retry = Retry(
         total=api.max_retries,
         connect=api.max_retries,
@@ -51,13 +55,14 @@ def make_session(api: ApiSettings, api_key: str) -> requests.Session:
         status=api.max_retries,
         other=0,
         allowed_methods=frozenset({"GET"}),
-        status_forcelist=RETRY_STATUSES,
+        status_forcelist=RETRY_STATUSES if retry_429 else RETRY_STATUSES - {429},
         backoff_factor=api.backoff_factor,
         respect_retry_after_header=True,
         # Hand back the last response when retries run out, so we can name its status.
         raise_on_status=False,
     )
-    adapter = HTTPAdapter(max_retries=retry)
+    # One connection kept alive per session: each session is used by one thread at a time.
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=1)
     session = requests.Session()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -87,34 +92,42 @@ class Body:
 
 
 def fetch_datasets(
-    session: requests.Session, api: ApiSettings, cancel: CancelFlag | None = None
+    session: requests.Session,
+    api: ApiSettings,
+    cancel: CancelFlag | None = None,
+    path: str = DATASETS_PATH,
 ) -> Body:
-    """GET /datasets within api.deadline_seconds into a file (at 0); raise ApiError/AuthError/ResponseError.
+    """GET `path` within api.deadline_seconds into a file (at 0); raise ApiError/AuthError/ResponseError.
 
     The body goes to a temporary file (in memory while small), not into one big bytes
     object, so a huge listing is parsed as a stream. Setting `cancel` abandons the fetch
     at once (raises Cancelled).
     """
-    return PendingFetch(session, api).result(cancel)
+    return PendingFetch(session, api, path=path).result(cancel)
 
 
-def start_fetch(api: ApiSettings, api_key: str) -> PendingFetch:
-    """Start GET /datasets now, in the background, on a session of its own."""
-    return PendingFetch(make_session(api, api_key), api, close_session=True)
+def start_fetch(api: ApiSettings, api_key: str, path: str = DATASETS_PATH) -> PendingFetch:
+    """Start GET `path` now, in the background, on a session of its own."""
+    return PendingFetch(make_session(api, api_key), api, close_session=True, path=path)
 
 
 class PendingFetch:
-    """A GET /datasets running in a worker thread; `result` waits for it, within the deadline."""
+    """A listing GET running in a worker thread; `result` waits for it, within the deadline."""
 
     def __init__(
-        self, session: requests.Session, api: ApiSettings, close_session: bool = False
+        self,
+        session: requests.Session,
+        api: ApiSettings,
+        close_session: bool = False,
+        path: str = DATASETS_PATH,
     ) -> None:
         self._api = api
+        self._path = path
         self._outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                self._outcome["body"] = _fetch(session, api)
+                self._outcome["body"] = _fetch(session, api, path)
             except BaseException as exc:
                 self._outcome["error"] = exc
             finally:
@@ -140,7 +153,7 @@ class PendingFetch:
             worker.join(min(0.2, max(deadline - time.monotonic(), 0)))
         if worker.is_alive():
             raise ApiError(
-                f"the Ideogram API did not deliver the listing within api.deadline_seconds "
+                f"the Ideogram API did not deliver GET {self._path} within api.deadline_seconds "
                 f"({self._api.deadline_seconds:g}s); it may be overloaded or the network is "
                 "slow. The next run will try again"
             )
@@ -150,39 +163,56 @@ class PendingFetch:
         return body
 
 
-def _fetch(session: requests.Session, api: ApiSettings) -> Body:
-    url = api.base_url + DATASETS_PATH
-    attempts = f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
+def _fetch(session: requests.Session, api: ApiSettings, path: str) -> Body:
+    url = api.base_url + path
+    response = get(session, api, url, stream=True)
+    with response:
+        check_status(response, url, attempts(api))
+        check_json(response, url)
+        return read_body(response, api.max_response_bytes, url)
+
+
+def attempts(api: ApiSettings) -> str:
+    """How many attempts a request gets, for messages: "6 attempts"."""
+    return f"{api.max_retries + 1} attempt{'s' if api.max_retries else ''}"
+
+
+def get(
+    session: requests.Session, api: ApiSettings, url: str, stream: bool = False
+) -> requests.Response:
+    """GET `url` (with the session's retries); ApiError, in one line, if no answer came."""
     try:
         # No redirects: requests would resend our custom Api-Key header to any host.
-        response = session.get(
+        return session.get(
             url,
             timeout=(api.timeout_seconds, api.timeout_seconds),
             allow_redirects=False,
-            stream=True,
+            stream=stream,
         )
     except requests.exceptions.RequestException as exc:
         if not _is_timeout(exc):
             raise ApiError(
-                f"cannot reach the Ideogram API at {url} ({attempts}): {_reason(exc)}; "
+                f"cannot reach the Ideogram API at {url} ({attempts(api)}): {_reason(exc)}; "
                 "check the network and api.base_url"
             ) from None
         raise ApiError(
             f"the Ideogram API at {url} did not answer within {api.timeout_seconds:g}s "
-            f"({attempts}); check the network or raise api.timeout_seconds"
+            f"({attempts(api)}); check the network or raise api.timeout_seconds"
         ) from None
-    with response:
-        _check_status(response, url, attempts)
-        content_type = response.headers.get("Content-Type", "")
-        if content_type and "json" not in content_type.lower():
-            raise ResponseError(
-                f"the Ideogram API at {url} answered 200 with {content_type.split(';')[0]} "
-                "instead of JSON; check api.base_url (a proxy or login page may be in the way)"
-            )
-        return _read_body(response, api.max_response_bytes, url)
 
 
-def _check_status(response: requests.Response, url: str, attempts: str) -> None:
+def check_json(response: requests.Response, url: str) -> None:
+    """ResponseError unless a 200 answer is JSON (or does not say what it is)."""
+    content_type = response.headers.get("Content-Type", "")
+    if content_type and "json" not in content_type.lower():
+        raise ResponseError(
+            f"the Ideogram API at {url} answered 200 with {content_type.split(';')[0]} "
+            "instead of JSON; check api.base_url (a proxy or login page may be in the way)"
+        )
+
+
+def check_status(response: requests.Response, url: str, attempts: str) -> None:
+    """Nothing for a 200; otherwise the ApiError (AuthError for 401/403) that says why."""
     status = response.status_code
     if status == 200:
         return
@@ -191,28 +221,35 @@ def _check_status(response: requests.Response, url: str, attempts: str) -> None:
     if status in (401, 403):
         raise AuthError(
             f"the Ideogram API rejected the key ({label}{detail}); check that the API key "
-            "variable (default IDEOGRAM_API_KEY) holds a valid, active key"
+            "variable (default IDEOGRAM_API_KEY) holds a valid, active key",
+            status,
         )
     if 300 <= status < 400:
         location = response.headers.get("Location", "?")
         raise ApiError(
             f"the Ideogram API at {url} redirected ({label}) to {location}; "
-            "set api.base_url to the final address"
+            "set api.base_url to the final address",
+            status,
         )
     if status == 429:
         raise ApiError(
             f"the Ideogram API kept rate-limiting the request ({label}, {attempts}); "
-            "run less often or raise api.max_retries"
+            "run less often or raise api.max_retries",
+            status,
         )
     if status >= 500:
         raise ApiError(
             f"the Ideogram API failed ({label}{detail}, {attempts}); "
-            "this is usually temporary, the next run will try again"
+            "this is usually temporary, the next run will try again",
+            status,
         )
-    raise ApiError(f"the Ideogram API at {url} answered {label}{detail}; check api.base_url")
+    raise ApiError(
+        f"the Ideogram API at {url} answered {label}{detail}; check api.base_url", status
+    )
 
 
-def _read_body(response: requests.Response, limit: int, url: str) -> Body:
+def read_body(response: requests.Response, limit: int, url: str) -> Body:
+    """The answer's body in a file (at 0), hashed; ResponseError past `limit` bytes."""
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ResponseError(_too_large(url, limit))

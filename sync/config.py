@@ -22,7 +22,10 @@ DEFAULT_ACCOUNT = "default"
 ENV_CONFIG = "IDEOGRAM_SYNC_CONFIG"
 ENV_DATABASE_URL = "IDEOGRAM_SYNC_DATABASE_URL"
 ENV_BASE_URL = "IDEOGRAM_API_BASE_URL"
+ENV_RESOURCES = "IDEOGRAM_SYNC_RESOURCES"
 INVALID_RECORD_POLICIES = ("skip", "fail")
+# What a run of an account syncs, in this order: each a run of its own (sync_runs.resource).
+RESOURCES = ("datasets", "dataset_details", "models", "model_details")
 # An unquoted PostgreSQL identifier: safe to put in search_path and CREATE SCHEMA.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -91,6 +94,12 @@ class SyncOptions:
     max_workers: int = 4
     # A run, from its lease to its commit (fetch and database work), ends by then.
     deadline_seconds: float = 900.0
+    # What each account's run syncs (a subset of RESOURCES, run in RESOURCES' order).
+    resources: tuple[str, ...] = RESOURCES
+    # A dataset's or owned model's details are fetched again once older than this.
+    details_max_age_seconds: float = 86400.0
+    # Detail requests in flight at once, per account.
+    details_concurrency: int = 4
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,9 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "max_delete_fraction": "number",
         "max_workers": "int",
         "deadline_seconds": "duration",
+        "resources": "list",
+        "details_max_age": "duration",
+        "details_concurrency": "int",
     },
     "schedule": {
         "cron": "str",
@@ -261,6 +273,10 @@ def _check_kind(value: Any, kind: str, label: str) -> None:
     if kind == "duration":
         parse_duration(value, label)
         return
+    if kind == "list":
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{label} must be a list of strings")
+        return
     accepted: tuple[type, ...] = {
         "str": (str,),
         "int": (int,),
@@ -337,6 +353,16 @@ def _check_values(s: Settings, origin: str) -> None:
         raise ConfigError(f"{origin}: database.url must not be empty")
     if s.sync.max_workers < 1:
         raise ConfigError(f"{origin}: sync.max_workers must be 1 or more")
+    unknown = [name for name in s.sync.resources if name not in RESOURCES]
+    if not s.sync.resources:
+        raise ConfigError(f"{origin}: sync.resources must name at least one of {RESOURCES}")
+    if unknown:
+        raise ConfigError(
+            f"{origin}: sync.resources: unknown {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(RESOURCES)})"
+        )
+    if not 1 <= s.sync.details_concurrency <= 64:
+        raise ConfigError(f"{origin}: sync.details_concurrency must be between 1 and 64")
     _check_schedule(s.schedule, origin)
     if s.metrics.port is not None and not 0 < s.metrics.port < 65536:
         raise ConfigError(f"{origin}: metrics.port must be between 1 and 65535")
@@ -402,6 +428,8 @@ def load_settings(
         db["url"] = env[ENV_DATABASE_URL]
     if env.get(ENV_BASE_URL):
         api["base_url"] = env[ENV_BASE_URL]
+    if env.get(ENV_RESOURCES):
+        sync_opts["resources"] = [n.strip() for n in env[ENV_RESOURCES].split(",") if n.strip()]
     if database_url:
         db["url"] = database_url
 
@@ -423,6 +451,14 @@ def load_settings(
     ):
         if name in section:
             section[name] = parse_duration(section[name])
+    if "details_max_age" in sync_opts:
+        sync_opts["details_max_age_seconds"] = parse_duration(sync_opts.pop("details_max_age"))
+    if "resources" in sync_opts:
+        # Run in the one order that works (details after their listing), whatever the file's.
+        chosen = set(sync_opts["resources"])
+        sync_opts["resources"] = tuple(name for name in RESOURCES if name in chosen) + tuple(
+            name for name in sync_opts["resources"] if name not in RESOURCES
+        )
     for section, name in ((api, "backoff_factor"), (sync_opts, "max_delete_fraction")):
         if name in section:
             section[name] = float(section[name])

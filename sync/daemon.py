@@ -21,8 +21,8 @@ from sync.db import open_engine, reading
 from sync.errors import EXIT_FAILED, EXIT_OK, Cancelled, SyncError
 from sync.job import prepare_database, sync_accounts
 from sync.metrics import Metrics, serve
-from sync.models import datasets
-from sync.runs import last_success_by_account
+from sync.models import datasets, models
+from sync.runs import last_successes
 from sync.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ class Daemon:
         self.allow_migrate = allow_migrate
         self.schedule = Schedule(settings.schedule)
         # Every account's series exist from start-up (at 0), before its first run.
-        self.metrics = Metrics(account.name for account in settings.accounts)
+        self.metrics = Metrics(
+            (account.name for account in settings.accounts), settings.sync.resources
+        )
         self.stopping = threading.Event()  # no new runs
         self.cancel = threading.Event()  # abort the running one
         self.idle = threading.Event()
@@ -215,31 +217,41 @@ class Daemon:
     # -- health and gauges ----------------------------------------------------------
 
     def _load_gauges(self) -> None:
-        """Last success and active datasets per account, read from the shared database."""
+        """Last success per account and resource, and active datasets and models per
+        account, read from the shared database."""
         if self.engine is None:
             return
         try:
-            successes = last_success_by_account(self.engine)
+            successes = last_successes(self.engine)
             with reading(self.engine).connect() as conn:
-                active = dict(
-                    conn.execute(
-                        select(datasets.c.account, func.count())
-                        .where(datasets.c.deleted_at.is_(None))
-                        .group_by(datasets.c.account)
-                    ).all()
-                )
+                active = {
+                    table.name: dict(
+                        conn.execute(
+                            select(table.c.account, func.count())
+                            .where(table.c.deleted_at.is_(None))
+                            .group_by(table.c.account)
+                        ).all()
+                    )
+                    for table in (datasets, models)
+                }
         except SQLAlchemyError as exc:
             log.warning("could not read metrics from the database: %s", exc)
             return
         for account in self.settings.accounts:
-            if account.name in successes:
-                self.metrics.last_success.labels(account.name).set(
-                    successes[account.name].timestamp()
+            for resource in self.settings.sync.resources:
+                if (account.name, resource) in successes:
+                    self.metrics.last_success.labels(account.name, resource).set(
+                        successes[account.name, resource].timestamp()
+                    )
+            self.metrics.active.labels(account.name).set(active["datasets"].get(account.name, 0))
+            if "models" in self.settings.sync.resources:
+                self.metrics.models_active.labels(account.name).set(
+                    active["models"].get(account.name, 0)
                 )
-            self.metrics.active.labels(account.name).set(active.get(account.name, 0))
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, reason): the scheduler runs and every account synced within max_age."""
+        """(healthy, reason): the scheduler runs and every account synced each of its
+        resources within max_age."""
         if self.stopping.is_set() or not self.scheduler.running:
             return False, "scheduler is not running"
         max_age = self.settings.schedule.max_age_seconds
@@ -247,15 +259,17 @@ class Daemon:
             return True, "ok"
         assert self.engine is not None
         try:
-            successes = last_success_by_account(self.engine)
+            successes = last_successes(self.engine)
         except SQLAlchemyError:
             return False, "database unreachable"
         now = datetime.now(UTC)
         stale = []
         for account in self.settings.accounts:
-            success = successes.get(account.name)
-            if success is None:
-                stale.append(f"{account.name}: no successful sync yet")
-            elif (age := (now - success).total_seconds()) > max_age:
-                stale.append(f"{account.name}: last success {age:.0f}s ago (max_age {max_age:g}s)")
+            for resource in self.settings.sync.resources:
+                label = account.name + ("" if resource == "datasets" else f" ({resource})")
+                success = successes.get((account.name, resource))
+                if success is None:
+                    stale.append(f"{label}: no successful sync yet")
+                elif (age := (now - success).total_seconds()) > max_age:
+                    stale.append(f"{label}: last success {age:.0f}s ago (max_age {max_age:g}s)")
         return (False, "; ".join(stale)) if stale else (True, "ok")

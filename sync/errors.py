@@ -45,6 +45,10 @@ class NoDatabase(SyncError):
 class ApiError(SyncError):
     """The API could not be reached or answered with an error (exit 1)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of the answer, if there was one
+
 
 class AuthError(ApiError):
     """The API rejected the key with 401 or 403 (exit 3)."""

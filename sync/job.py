@@ -1,4 +1,5 @@
-"""One account's sync, end to end: fetch, parse, apply and record, in the right transactions."""
+"""One account's sync, end to end: for each resource, fetch, parse, apply and record, in
+the right transactions."""
 
 from __future__ import annotations
 
@@ -14,17 +15,30 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import __version__, client, interrupt, logs, records, redact, runs, store
+from sync import (
+    __version__,
+    client,
+    detail_fetch,
+    details,
+    interrupt,
+    logs,
+    records,
+    redact,
+    runs,
+    store,
+)
 from sync.config import Account, DatabaseSettings, Settings
 from sync.db import (
     SCHEMA_HEAD,
     current_revision,
     database_error,
     migrate,
+    reading,
     refuse_newer,
     write_transaction,
 )
 from sync.errors import (
+    ApiError,
     Cancelled,
     DeadlineExceeded,
     InvalidRecordsError,
@@ -35,13 +49,18 @@ from sync.errors import (
 )
 from sync.jsonstream import ListingStream
 from sync.lock import Lease
+from sync.model_records import DATASET_DETAILS, MODEL_DETAILS, MODELS
 from sync.records import DATASETS
+from sync.resource import Details, Resource
 from sync.store import Counts
 
 log = logging.getLogger(__name__)
 
 # Enough reject lines to diagnose a bad listing without flooding the log.
 MAX_LOGGED_REJECTS = 20
+
+# Told how far a details fetch is: (what is fetched, done, total); see output.Progress.
+Progress = Callable[[str, int, int], None]
 
 
 def utc_now() -> datetime:
@@ -51,12 +70,13 @@ def utc_now() -> datetime:
 
 @dataclass
 class RunResult:
-    """What `sync_account` did: the run row's id, its counts and how long it took."""
+    """What one successful run did: the run row's id, its counts and how long it took."""
 
     run_id: int
     account: str
     counts: Counts
     duration_seconds: float
+    resource: str = "datasets"
 
 
 def prepare_database(engine: Engine, database: DatabaseSettings, allow_migrate: bool) -> None:
@@ -89,58 +109,84 @@ def sync_account(
     cancel: threading.Event | None = None,
     clock: Callable[[], datetime] = utc_now,
     prefetched: client.PendingFetch | None = None,
-) -> RunResult | None:
-    """Sync one account under its lease: record a run, fetch (or use `body`), apply, commit.
+    progress: Progress | None = None,
+) -> list[Outcome]:
+    """Sync one account's resources under its lease, each a run of its own; an Outcome each.
 
-    With a schedule `slot`, returns None without syncing when another replica already
-    synced that slot. Setting `cancel` stops the run at its next safe point (rollback).
+    Each resource (`sync.resources`; only `datasets` with `body`) records its run, commits
+    or fails on its own: one's failure costs only that resource and those built on it.
+    With a schedule `slot`, returns one empty Outcome without syncing when another replica
+    already synced that slot. Setting `cancel` stops the run at its next safe point.
+    Raises SyncError for what stops the whole account (its lock held, no API key).
     """
-    started = time.monotonic()
     # A missing key is a configuration error: found before any lock or run row.
     api_key = account.api.key() if body is None else None
+    names = ("datasets",) if body is not None else settings.sync.resources
     with (
         logs.about_run(account.name) as log_fields,
         interrupt.scope(f"the run of account {account.name}") as statements,
         interrupt.Deadline(settings.sync.deadline_seconds, statements) as deadline,
     ):
-        outcome = _under_lease(
-            settings,
-            account,
-            engine,
-            api_key,
-            body,
-            allow_mass_delete,
-            slot,
-            _Stop(cancel, deadline.expired, settings.sync.deadline_seconds),
-            clock,
-            prefetched,
-            log_fields,
+        stop = _Stop(cancel, deadline.expired, settings.sync.deadline_seconds)
+        lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
+        try:
+            lease.acquire()
+        except SQLAlchemyError as exc:
+            error = database_error(exc, settings.database.url, "taking the lock of the account")
+            raise stop.explain(error) from exc
+        try:
+            if slot is not None and _slot_taken(settings, engine, account, slot, stop):
+                return [Outcome(account.name, names[0])]
+            job = _Job(settings, account, engine, lease, api_key, stop, clock, log_fields)
+            job.body, job.prefetched, job.progress = body, prefetched, progress
+            job.max_delete_fraction = (
+                None if allow_mass_delete else settings.sync.max_delete_fraction
+            )
+            outcomes: list[Outcome] = []
+            failed: set[str] = set()
+            for name in names:
+                needs = NEEDS.get(name)
+                if needs in failed:
+                    log.warning(
+                        "%s of account %s not synced: its %s run failed",
+                        name,
+                        account.name,
+                        needs,
+                    )
+                    failed.add(name)
+                    continue
+                if stop.is_set():
+                    break  # stopped or past the deadline: the rest would fail at once
+                outcome = job.run(name, slot)
+                outcomes.append(outcome)
+                if outcome.error is not None:
+                    failed.add(name)
+            return outcomes
+        finally:
+            lease.release()
+
+
+def _slot_taken(
+    settings: Settings, engine: Engine, account: Account, slot: datetime, stop: _Stop
+) -> bool:
+    try:
+        taken = runs.slot_taken(engine, account.name, slot)
+    except SQLAlchemyError as exc:
+        error = database_error(exc, settings.database.url, "recording the start of the run")
+        raise stop.explain(error) from exc
+    if taken:
+        log.info(
+            "slot %s of account %s was already synced (by another replica); skipping",
+            slot.isoformat(),
+            account.name,
         )
-    if outcome is None:
-        return None
-    run_id, counts = outcome
-    duration = time.monotonic() - started
-    log.info(
-        "run %d succeeded for account %s in %.2fs: seen=%d inserted=%d updated=%d "
-        "unchanged=%d deleted=%d rejected=%d",
-        run_id,
-        account.name,
-        duration,
-        counts.seen,
-        counts.inserted,
-        counts.updated,
-        counts.unchanged,
-        counts.deleted,
-        counts.rejected,
-        extra={
-            "account": account.name,
-            "run_id": run_id,
-            "duration_s": round(duration, 3),
-            "counts": asdict(counts),
-            "event": "run_succeeded",
-        },
-    )
-    return RunResult(run_id=run_id, account=account.name, counts=counts, duration_seconds=duration)
+    return taken
+
+
+# A resource whose run is skipped when the run of the one it builds on failed.
+NEEDS = {"dataset_details": "datasets", "model_details": "models"}
+LISTINGS: dict[str, Resource] = {"datasets": DATASETS, "models": MODELS}
+DETAILS: dict[str, Details] = {"dataset_details": DATASET_DETAILS, "model_details": MODEL_DETAILS}
 
 
 class _Stop:
@@ -176,75 +222,258 @@ class _Stop:
         )
 
 
-def _under_lease(
-    settings: Settings,
-    account: Account,
-    engine: Engine,
-    api_key: str | None,
-    body: bytes | None,
-    allow_mass_delete: bool,
-    slot: datetime | None,
-    stop: _Stop,
-    clock: Callable[[], datetime],
-    prefetched: client.PendingFetch | None,
-    log_fields: dict[str, object],
-) -> tuple[int, Counts] | None:
-    url = settings.database.url
-    lease = Lease(engine, account.name, settings.sync.lock_ttl_seconds, clock)
-    try:
-        lease.acquire()
-    except SQLAlchemyError as exc:
-        raise stop.explain(database_error(exc, url, "taking the lock of the account")) from exc
-    try:
+class _Job:
+    """One account's resources, one run each, under the lease the caller holds."""
+
+    body: bytes | None = None
+    prefetched: client.PendingFetch | None = None
+    progress: Progress | None = None
+    max_delete_fraction: float | None = None
+
+    def __init__(
+        self,
+        settings: Settings,
+        account: Account,
+        engine: Engine,
+        lease: Lease,
+        api_key: str | None,
+        stop: _Stop,
+        clock: Callable[[], datetime],
+        log_fields: dict[str, object],
+    ) -> None:
+        self.settings = settings
+        self.account = account
+        self.engine = engine
+        self.lease = lease
+        self.api_key = api_key
+        self.stop = stop
+        self.clock = clock
+        self.log_fields = log_fields
+        self.url = settings.database.url
+
+    def run(self, name: str, slot: datetime | None) -> Outcome:
+        """Record a run of resource `name`, do it, and record how it ended."""
+        started = time.monotonic()
+        account = self.account.name
         try:
-            if slot is not None and runs.slot_taken(engine, account.name, slot):
-                log.info(
-                    "slot %s of account %s was already synced (by another replica); skipping",
-                    slot.isoformat(),
-                    account.name,
-                )
-                return None
-            run_id = runs.start_run(engine, account.name, clock(), scheduled_for=slot)
-            log_fields["run_id"] = run_id
+            run_id = runs.start_run(
+                self.engine, account, self.clock(), scheduled_for=slot, resource=name
+            )
         except SQLAlchemyError as exc:
-            error = database_error(exc, url, "recording the start of the run")
-            raise stop.explain(error) from exc
+            error = database_error(exc, self.url, "recording the start of the run")
+            raise self.stop.explain(error) from exc
+        self.log_fields["run_id"] = run_id
         # The run row exists from here on, so every way out must record how the run ended:
         # the try starts right after it (only a signal inside start_run's own return, after
         # the commit, can still leave the row `running`; the next run marks it abandoned).
         progress = _Progress()
         try:
-            log.info("run %d started for account %s", run_id, account.name)
-            fraction = None if allow_mass_delete else settings.sync.max_delete_fraction
-            fetch = _fetcher(account, api_key, body, stop, prefetched)
-            counts = _run(
-                settings,
-                account,
-                engine,
-                lease,
-                run_id,
-                fetch,
-                fraction,
-                stop.check,
-                clock,
-                progress,
-            )
+            log.info("run %d started for account %s%s", run_id, account, _about(name))
+            self._abandon_orphans(run_id)
+            self.stop.check()
+            if name in LISTINGS:
+                counts = self._listing(LISTINGS[name], run_id, progress)
+            else:
+                counts = self._details(DETAILS[name], run_id, progress)
         except BaseException as exc:
-            failure = stop.explain(exc)
-            _record_failure(engine, url, run_id, failure, progress.applied, clock)
+            failure = self.stop.explain(exc)
+            _record_failure(self.engine, self.url, run_id, failure, progress.applied, self.clock)
+            if isinstance(failure, SyncError):
+                return _failed(account, name, failure)
+            if isinstance(failure, Exception):  # a bug must not take the other resources down
+                return _failed(
+                    account, name, SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
+                )
             if failure is exc:
                 raise
             raise failure from exc
-    finally:
-        lease.release()
-    return run_id, counts
+        duration = time.monotonic() - started
+        _log_success(run_id, account, name, counts, duration)
+        return Outcome(account, name, result=RunResult(run_id, account, counts, duration, name))
+
+    def _abandon_orphans(self, run_id: int) -> None:
+        try:
+            orphans = runs.abandon_orphans(self.engine, self.account.name, run_id, self.clock())
+        except SQLAlchemyError as exc:
+            raise database_error(exc, self.url, "checking for abandoned runs") from exc
+        if orphans:
+            log.warning(
+                "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
+                ", ".join(map(str, orphans)),
+                self.account.name,
+            )
+
+    def _fetch_listing(self, resource: Resource) -> client.Body:
+        if self.body is not None:
+            return client.Body.from_bytes(self.body)
+        if self.prefetched is not None and resource.path == client.DATASETS_PATH:
+            return self.prefetched.result(self.stop)
+        assert self.api_key is not None
+        api = self.account.api
+        try:
+            with client.make_session(api, self.api_key) as session:
+                return client.fetch_datasets(session, api, self.stop, path=resource.path)
+        except ApiError as exc:
+            raise _refused(resource.name, resource.path, exc) from None
+
+    def _listing(self, resource: Resource, run_id: int, progress: _Progress) -> Counts:
+        settings, account = self.settings, self.account.name
+        with self._fetch_listing(resource) as fetched:
+            self.stop.check()
+            digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
+            try:
+                with write_transaction(self.engine) as conn:
+                    # Fencing: if our lease was taken over, this raises and rolls back.
+                    self.lease.check(conn)
+                    same = runs.unchanged_since(conn, account, digest, resource.name)
+                    if same is not None:
+                        # Byte for byte what the tables already hold: nothing to diff.
+                        log.info(
+                            "the %s listing of account %s is unchanged since run %d; "
+                            "nothing to write",
+                            resource.noun,
+                            account,
+                            same[0],
+                        )
+                        applied = progress.applied = store.Applied(same[1], [], [], True)
+                        runs.finish_run(conn, run_id, same[1], self.clock(), digest)
+                        return applied.counts
+                    applied = progress.applied = store.apply(
+                        conn,
+                        resource,
+                        account,
+                        ListingStream(fetched.file, key=resource.listing_key),
+                        run_id,
+                        self.clock(),
+                        self.max_delete_fraction,
+                        self.stop.check,
+                    )
+                    _report(resource.noun, applied, settings.sync.on_invalid_record)
+                    runs.finish_run(conn, run_id, applied.counts, self.clock(), digest)
+                    self.stop.check()
+                return applied.counts
+            except SQLAlchemyError as exc:
+                raise database_error(exc, self.url, f"writing the {resource.name}") from exc
+
+    def _details(self, described: Details, run_id: int, progress: _Progress) -> Counts:
+        settings, account = self.settings, self.account.name
+        noun = described.listing.noun
+        now = self.clock()
+        try:
+            with reading(self.engine).connect() as conn:
+                stored = details.due(
+                    conn, described, account, now, settings.sync.details_max_age_seconds
+                )
+        except SQLAlchemyError as exc:
+            raise database_error(exc, self.url, f"choosing the {noun} details to fetch") from exc
+        assert self.api_key is not None
+        show = None
+        if self.progress is not None and stored:
+            label, report = f"{described.name} of {account}", self.progress
+
+            def show(done: int, total: int) -> None:
+                report(label, done, total)
+
+        try:
+            fetched = detail_fetch.fetch_each(
+                self.account.api,
+                self.api_key,
+                described.path,
+                list(stored),
+                settings.sync.details_concurrency,
+                self.stop,
+                show,
+            )
+        except ApiError as exc:
+            raise _refused(described.name, described.path.format("{id}"), exc) from None
+        self.stop.check()
+        try:
+            with write_transaction(self.engine) as conn:
+                self.lease.check(conn)
+                applied = details.apply(
+                    conn, described, account, stored, fetched, run_id, now, self.stop.check
+                )
+                progress.applied = store.Applied(applied.counts, applied.rejects, [], True)
+                if applied.missing:
+                    log.info(
+                        "%d %s(s) of account %s were gone (404) when their details were "
+                        "asked for; the next listing settles them: %s",
+                        len(applied.missing),
+                        noun,
+                        account,
+                        ", ".join(applied.missing[:MAX_LOGGED_REJECTS]),
+                    )
+                _report(f"{noun} details of", progress.applied, settings.sync.on_invalid_record)
+                runs.finish_run(conn, run_id, applied.counts, self.clock())
+                self.stop.check()
+            return applied.counts
+        except SQLAlchemyError as exc:
+            raise database_error(exc, self.url, f"writing the {noun} details") from exc
+
+
+def _refused(name: str, path: str, exc: ApiError) -> ApiError:
+    """For a resource the run could do without, a refusal names the setting that turns it off."""
+    if name == "datasets" or exc.status not in (401, 403, 404):
+        return exc
+    return ApiError(
+        f"the Ideogram API refused GET {path} (HTTP {exc.status}): this key cannot use it. "
+        f'Remove "{name}" from [sync] resources (or IDEOGRAM_SYNC_RESOURCES) to stop syncing '
+        "it; the other resources are not affected",
+        exc.status,
+    )
+
+
+def _about(name: str) -> str:
+    # The datasets' lines keep the words they always had (log searches and alerts use them).
+    return "" if name == "datasets" else f" ({name})"
+
+
+def _failed(account: str, name: str, error: SyncError) -> Outcome:
+    # Another run holding the lock is routine (cron overlap, replicas), not an error.
+    log.log(
+        logging.WARNING if isinstance(error, LockHeld) else logging.ERROR,
+        "run failed for account %s%s: %s",
+        account,
+        _about(name),
+        error,
+        extra={"account": account, "resource": name, "error": str(error), "event": "run_failed"},
+    )
+    log.debug("traceback of the failure of account %s", account, exc_info=True)
+    return Outcome(account, name, error=error)
+
+
+def _log_success(run_id: int, account: str, name: str, counts: Counts, duration: float) -> None:
+    log.info(
+        "run %d succeeded for account %s%s in %.2fs: seen=%d inserted=%d updated=%d "
+        "unchanged=%d deleted=%d rejected=%d",
+        run_id,
+        account,
+        _about(name),
+        duration,
+        counts.seen,
+        counts.inserted,
+        counts.updated,
+        counts.unchanged,
+        counts.deleted,
+        counts.rejected,
+        extra={
+            "account": account,
+            "resource": name,
+            "run_id": run_id,
+            "duration_s": round(duration, 3),
+            "counts": asdict(counts),
+            "event": "run_succeeded",
+        },
+    )
 
 
 @dataclass
 class Outcome:
-    """How one account's run ended: a result (None: slot already synced) or an error."""
+    """How one account's run of one resource ended: a result or an error (neither: the
+    slot was already synced)."""
 
     account: str
+    resource: str = "datasets"
     result: RunResult | None = None
     error: SyncError | None = None
 
@@ -259,21 +488,23 @@ def sync_accounts(
     slot: datetime | None = None,
     cancel: threading.Event | None = None,
     prefetched: Mapping[str, client.PendingFetch] | None = None,
+    progress: Progress | None = None,
 ) -> list[Outcome]:
     """Sync several accounts, up to sync.max_workers at once; one's failure spares the rest.
 
-    `prefetched`: downloads already started (client.start_fetch), by account name.
+    Returns an Outcome per account and resource. `prefetched`: downloads already started
+    (client.start_fetch), by account name.
     """
     cancel = cancel or threading.Event()
 
-    def one(account: Account) -> Outcome:
+    def one(account: Account) -> list[Outcome]:
         # Around sync_account's own: the failure line below still carries the run id.
         with logs.about_run(account.name):
             return _one(account)
 
-    def _one(account: Account) -> Outcome:
+    def _one(account: Account) -> list[Outcome]:
         try:
-            result = sync_account(
+            return sync_account(
                 settings,
                 account,
                 engine,
@@ -282,31 +513,23 @@ def sync_accounts(
                 slot=slot,
                 cancel=cancel,
                 prefetched=(prefetched or {}).get(account.name),
+                progress=progress,
             )
-            return Outcome(account.name, result=result)
         except SyncError as exc:
             error = exc
         except Exception as exc:  # a bug must not take the other accounts down
             error = SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
-        # Another run holding the lock is routine (cron overlap, replicas), not an error.
-        log.log(
-            logging.WARNING if isinstance(error, LockHeld) else logging.ERROR,
-            "run failed for account %s: %s",
-            account.name,
-            error,
-            extra={"account": account.name, "error": str(error), "event": "run_failed"},
-        )
-        log.debug("traceback of the failure of account %s", account.name, exc_info=True)
-        return Outcome(account.name, error=error)
+        first = "datasets" if body is not None else settings.sync.resources[0]
+        return [_failed(account.name, first, error)]
 
     if len(accounts) == 1:
         # In the calling (main) thread, so a signal interrupts even a blocking call.
-        return [one(accounts[0])]
+        return one(accounts[0])
     workers = min(settings.sync.max_workers, len(accounts))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
         futures = [pool.submit(one, account) for account in accounts]
         try:
-            return [future.result() for future in futures]
+            return [outcome for future in futures for outcome in future.result()]
         except BaseException:
             # SIGTERM or Ctrl-C in the waiting thread: stop every run at its next safe point.
             cancel.set()
@@ -314,91 +537,11 @@ def sync_accounts(
             raise
 
 
-def _fetcher(
-    account: Account,
-    api_key: str | None,
-    body: bytes | None,
-    cancel: client.CancelFlag,
-    prefetched: client.PendingFetch | None,
-) -> Callable[[], client.Body]:
-    def fetch() -> client.Body:
-        if body is not None:
-            return client.Body.from_bytes(body)
-        if prefetched is not None:
-            return prefetched.result(cancel)
-        assert api_key is not None
-        with client.make_session(account.api, api_key) as session:
-            return client.fetch_datasets(session, account.api, cancel)
-
-    return fetch
-
-
 @dataclass
 class _Progress:
     """What a run has learnt so far: its failed row reports the counts of a listing read."""
 
     applied: store.Applied | None = None
-
-
-def _run(
-    settings: Settings,
-    account: Account,
-    engine: Engine,
-    lease: Lease,
-    run_id: int,
-    fetch: Callable[[], client.Body],
-    max_delete_fraction: float | None,
-    step: Callable[[], None],
-    clock: Callable[[], datetime],
-    progress: _Progress,
-) -> Counts:
-    url = settings.database.url
-    try:
-        orphans = runs.abandon_orphans(engine, account.name, run_id, clock())
-    except SQLAlchemyError as exc:
-        raise database_error(exc, url, "checking for abandoned runs") from exc
-    if orphans:
-        log.warning(
-            "marked run(s) %s of account %s abandoned: they never finished (killed or crashed)",
-            ", ".join(map(str, orphans)),
-            account.name,
-        )
-    step()
-    with fetch() as fetched:
-        step()
-        body = fetched.file
-        digest = listing_digest(fetched.sha256, settings.sync.on_invalid_record)
-        try:
-            with write_transaction(engine) as conn:
-                # Fencing: if our lease was taken over, this raises and rolls back.
-                lease.check(conn)
-                same = runs.unchanged_since(conn, account.name, digest)
-                if same is not None:
-                    # Byte for byte what the tables already hold: nothing to diff.
-                    log.info(
-                        "the listing of account %s is unchanged since run %d; nothing to write",
-                        account.name,
-                        same[0],
-                    )
-                    applied = progress.applied = store.Applied(same[1], [], [], complete=True)
-                    runs.finish_run(conn, run_id, same[1], clock(), digest)
-                    return applied.counts
-                applied = progress.applied = store.apply(
-                    conn,
-                    DATASETS,
-                    account.name,
-                    ListingStream(body),
-                    run_id,
-                    clock(),
-                    max_delete_fraction,
-                    step,
-                )
-                _report(applied, settings.sync.on_invalid_record)
-                runs.finish_run(conn, run_id, applied.counts, clock(), digest)
-                step()
-            return applied.counts
-        except SQLAlchemyError as exc:
-            raise database_error(exc, url, "writing the datasets") from exc
 
 
 def listing_digest(body_sha256: str, policy: str) -> str:
@@ -409,11 +552,11 @@ def listing_digest(body_sha256: str, policy: str) -> str:
     return hashlib.blake2b(salt.encode(), digest_size=16).hexdigest()
 
 
-def _report(applied: store.Applied, policy: str) -> None:
-    for dataset_id in applied.duplicates[:MAX_LOGGED_REJECTS]:
-        log.warning("dataset %s is listed more than once; the last entry wins", dataset_id)
+def _report(noun: str, applied: store.Applied, policy: str) -> None:
+    for key in applied.duplicates[:MAX_LOGGED_REJECTS]:
+        log.warning("%s %s is listed more than once; the last entry wins", noun, key)
     for reject in applied.rejects[:MAX_LOGGED_REJECTS]:
-        where = f"dataset {reject.dataset_id}" if reject.dataset_id else f"record #{reject.index}"
+        where = f"{noun} {reject.dataset_id}" if reject.dataset_id else f"record #{reject.index}"
         log.warning("rejected %s: %s", where, reject.reason)
     rejected = applied.counts.rejected
     if rejected > MAX_LOGGED_REJECTS:

@@ -1,8 +1,8 @@
-"""Read the `datasets` array of a `GET /datasets` body from a file, one element at a time.
+"""Read the array of a listing body (`GET /datasets`, `GET /models`) one element at a time.
 
 `json.loads` of a million-dataset body holds the bytes, the text and every record as Python
 objects at once (over a gigabyte). This reads the file in chunks and hands out each element
-of the top-level `datasets` array as soon as it is complete. Every value is decoded by the
+of the top-level array (`datasets`, `models`) as soon as it is complete. Every value is decoded by the
 standard library's own decoder (`JSONDecoder.raw_decode`), so what it accepts is exactly
 what `json.loads` accepts, and the body's encoding is detected as `json.loads` detects it.
 """
@@ -25,14 +25,15 @@ _decode = json.JSONDecoder().raw_decode
 
 
 class ListingStream:
-    """Iterate the elements of a listing body's `datasets` array (at most once).
+    """Iterate the elements of a listing body's `key` array (at most once).
 
     Raises ResponseError, while iterating, when the body is not valid JSON, or not an
-    object with exactly one `datasets` array. `seen` counts the elements handed out, and
+    object with exactly one `key` array. `seen` counts the elements handed out, and
     `text()` is the JSON text of the one handed out last (until the next is asked for).
     """
 
-    def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, file: BinaryIO, chunk_size: int = CHUNK_SIZE, key: str = "datasets") -> None:
+        self._key = key
         self._file = file
         self._chunk = chunk_size
         self._buf = ""
@@ -48,7 +49,7 @@ class ListingStream:
             yield from self._listing()
         except RecursionError:
             raise ResponseError(
-                "the API response is nested too deeply to be a dataset listing"
+                f"the API response is nested too deeply to be a `{self._key}` listing"
             ) from None
         except json.JSONDecodeError as exc:
             where = self._offset + exc.pos
@@ -63,13 +64,13 @@ class ListingStream:
             raise ResponseError(f"the API response is not valid JSON ({str(exc)[:80]})") from None
 
     def _listing(self) -> Iterator[Any]:
-        """The top level: an object whose one `datasets` member is the array."""
+        """The top level: an object whose one `key` member is the array."""
         self._skip_ws()
         if self._peek() != "{":
             document = self._value()
             raise ResponseError(
                 f"the API response is a JSON {json_type(document)}, not an object with a "
-                "`datasets` list"
+                f"`{self._key}` list"
             )
         self._pos += 1
         keys: list[str] = []
@@ -88,14 +89,14 @@ class ListingStream:
                     self._fail("Expecting ':' delimiter")
                 self._pos += 1
                 self._skip_ws()
-                if key != "datasets":
+                if key != self._key:
                     keys.append(key)
                     self._value()
                 elif found:
                     # json.loads would keep the last one silently; which list the API
                     # meant is anyone's guess, and guessing wrong deletes data.
                     raise ResponseError(
-                        "the API response has more than one `datasets` field; "
+                        f"the API response has more than one `{self._key}` field; "
                         "refusing to guess which one is the listing"
                     )
                 else:
@@ -108,14 +109,14 @@ class ListingStream:
             self._fail("Extra data")
         if not found:
             names = ", ".join(sorted(keys)[:5]) or "none"
-            raise ResponseError(f"the API response has no `datasets` field (keys: {names[:80]})")
+            raise ResponseError(f"the API response has no `{self._key}` field (keys: {names[:80]})")
 
     def _elements(self) -> Iterator[Any]:
         """The elements of the array at the current position, one at a time."""
         if self._peek() != "[":
             value = self._value()
             raise ResponseError(
-                f"`datasets` in the API response is a {json_type(value)}, not a list"
+                f"`{self._key}` in the API response is a {json_type(value)}, not a list"
             )
         self._pos += 1
         self._skip_ws()

@@ -20,6 +20,7 @@ from prometheus_client import (
 )
 
 from sync import __version__
+from sync.config import RESOURCES
 from sync.job import Outcome
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ CHANGES = ("inserted", "updated", "unchanged", "deleted", "rejected")
 class Metrics:
     """The daemon's metrics, in a registry of their own."""
 
-    def __init__(self, accounts: Iterable[str] = ()) -> None:
-        """Create the metrics, with every series of each of `accounts` that can start at 0."""
+    def __init__(self, accounts: Iterable[str] = (), resources: Iterable[str] = RESOURCES) -> None:
+        """Create the metrics, with every series of each account and resource that can
+        start at 0."""
         # The *_created samples prometheus_client adds to counters and histograms double
         # the series for no use here. The switch is process-global; this process serves
         # no other Prometheus metrics.
@@ -44,26 +46,27 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.runs = Counter(
             "ideogram_sync_runs",
-            "Sync runs by account and how they ended (success, failed, locked, skipped).",
-            ["account", "status"],
+            "Sync runs by account, resource and how they ended (success, failed, locked, skipped).",
+            ["account", "resource", "status"],
             registry=self.registry,
         )
         self.last_success = Gauge(
             "ideogram_sync_last_success_timestamp_seconds",
-            "Unix time when the account's last successful sync finished.",
-            ["account"],
+            "Unix time when the account's last successful sync of the resource finished.",
+            ["account", "resource"],
             registry=self.registry,
         )
         self.rows = Counter(
             "ideogram_sync_rows",
-            "Dataset rows by what a sync did to them (inserted, updated, unchanged, deleted, rejected).",
-            ["account", "change"],
+            "Rows (or details) by resource and what a sync did to them (inserted, updated, "
+            "unchanged, deleted, rejected).",
+            ["account", "resource", "change"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "ideogram_sync_run_duration_seconds",
             "Wall time of successful sync runs.",
-            ["account"],
+            ["account", "resource"],
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
@@ -79,10 +82,18 @@ class Metrics:
             registry=self.registry,
         )
         self.build.info({"version": __version__})
+        self.models_active = Gauge(
+            "ideogram_sync_models_active",
+            "Custom models of the account that are not soft-deleted.",
+            ["account"],
+            registry=self.registry,
+        )
+        resources = tuple(resources)
         for account in accounts:
-            self._start(account)
+            for resource in resources:
+                self._start(account, resource)
 
-    def _start(self, account: str) -> None:
+    def _start(self, account: str, resource: str) -> None:
         """Create the account's counters and histogram at 0.
 
         A series that first appears with its first increment is invisible to increase()
@@ -93,24 +104,24 @@ class Metrics:
         succeeded"; 0 would read as "last success in 1970" or "no active datasets").
         """
         for status in STATUSES:
-            self.runs.labels(account, status)
+            self.runs.labels(account, resource, status)
         for change in CHANGES:
-            self.rows.labels(account, change)
-        self.duration.labels(account)  # _count and _sum 0, every bucket 0
+            self.rows.labels(account, resource, change)
+        self.duration.labels(account, resource)  # _count and _sum 0, every bucket 0
 
     def record(self, outcome: Outcome) -> None:
-        """Count one account's run."""
-        account = outcome.account
+        """Count one account's run of one resource."""
+        account, resource = outcome.account, outcome.resource
         if outcome.error is not None:
             status = "locked" if outcome.error.exit_code == 5 else "failed"
-            self.runs.labels(account, status).inc()
+            self.runs.labels(account, resource, status).inc()
             return
         if outcome.result is None:
-            self.runs.labels(account, "skipped").inc()
+            self.runs.labels(account, resource, "skipped").inc()
             return
         result = outcome.result
-        self.runs.labels(account, "success").inc()
-        self.duration.labels(account).observe(result.duration_seconds)
+        self.runs.labels(account, resource, "success").inc()
+        self.duration.labels(account, resource).observe(result.duration_seconds)
         counts = result.counts
         for change, value in (
             ("inserted", counts.inserted),
@@ -119,7 +130,7 @@ class Metrics:
             ("deleted", counts.deleted),
             ("rejected", counts.rejected),
         ):
-            self.rows.labels(account, change).inc(value)
+            self.rows.labels(account, resource, change).inc(value)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""

@@ -8,9 +8,12 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -93,6 +96,15 @@ class _JSONType(TypeDecorator[Any]):
 JSONType = _JSONType()
 
 
+def _details_columns() -> list[Column[Any]]:
+    """What the details request of a row left: when, a digest of it, and its unknown fields."""
+    return [
+        Column("details_synced_at", UTCDateTime()),
+        Column("details_hash", String(32)),
+        Column("details_extra", JSONType),
+    ]
+
+
 def _dataset_content() -> list[Column[Any]]:
     """What the API tells about a dataset; the same columns in `datasets` and its history."""
     return [
@@ -118,6 +130,12 @@ datasets = Table(
     # The parse rules' version and a digest of the content columns (sync.records.content_hash):
     # a re-run compares digests instead of reading back and comparing every column.
     Column("content_hash", String(32)),
+    # From GET /datasets/{id} (sync/details.py): null until its details were fetched.
+    *_details_columns(),
+    Column("file_count", Integer),
+    # The sum of the files' sizes; null when no file has a known size.
+    Column("total_file_bytes", BigInteger),
+    Column("custom_model_ids", JSONType),
     Index(None, "user_id"),
     Index(None, "creation_time"),
     Index(None, "deleted_at"),
@@ -145,8 +163,11 @@ sync_runs = Table(
     # A digest of the listing body a successful run read (with the parser and schema
     # version): the next run skips re-reading a byte-identical listing.
     Column("listing_digest", String(64)),
+    # What the run synced: datasets, dataset_details, models or model_details.
+    Column("resource", String(32), nullable=False, server_default="datasets"),
     Index(None, "account", "started_at"),
     Index(None, "account", "scheduled_for"),
+    Index(None, "account", "resource", "id"),
 )
 
 # One row per version of a dataset (a type-2 slowly changing dimension): the
@@ -164,6 +185,90 @@ dataset_history = Table(
     Index(None, "dataset_id", "valid_to"),
     Index(None, "valid_from"),
     Index(None, "sync_run_id"),
+)
+
+# The files of each dataset, as its last fetched details listed them (replaced whole when
+# those change).
+dataset_files = Table(
+    "dataset_files",
+    metadata,
+    Column("dataset_id", String(255), primary_key=True),
+    # The file's place in the details' list, from 0.
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("account", String(255), nullable=False),
+    Column("file_name", String(1024)),
+    Column("file_size_bytes", BigInteger),
+    Column("extra", JSONType),
+    Column("sync_run_id", Integer, nullable=False),
+)
+
+
+def _model_content() -> list[Column[Any]]:
+    """What GET /models tells about a model; the same columns in `models` and its history."""
+    return [
+        Column("account", String(255), nullable=False),
+        Column("name", String(1024), nullable=False),
+        Column("status", String(32)),
+        Column("dataset_id", String(255)),
+        Column("custom_model_uri", String(1024)),
+        Column("is_owned", Boolean, nullable=False),
+        Column("is_available_for_generation", Boolean, nullable=False),
+        Column("creation_time", UTCDateTime(), nullable=False),
+        Column("last_update_time", UTCDateTime()),
+        Column("extra", JSONType),
+    ]
+
+
+models = Table(
+    "models",
+    metadata,
+    Column("model_id", String(255), primary_key=True),
+    *_model_content(),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime()),
+    Column("last_sync_run_id", Integer, nullable=False),
+    Column("content_hash", String(32)),
+    # From GET /models/{id} (owned models only): null until fetched.
+    *_details_columns(),
+    Index(None, "dataset_id"),
+    Index(None, "deleted_at"),
+    Index(None, "account"),
+)
+
+model_history = Table(
+    "model_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_id", String(255), nullable=False),
+    *_model_content(),
+    Column("valid_from", UTCDateTime(), nullable=False),
+    Column("valid_to", UTCDateTime()),
+    Column("change_type", String(16), nullable=False),
+    Column("sync_run_id", Integer, nullable=False),
+    Index(None, "model_id", "valid_to"),
+    Index(None, "valid_from"),
+    Index(None, "sync_run_id"),
+)
+
+# The training runs of each owned model, as its last fetched details listed them.
+model_training_runs = Table(
+    "model_training_runs",
+    metadata,
+    Column("training_run_id", String(255), primary_key=True),
+    Column("model_id", String(255), nullable=False),
+    Column("account", String(255), nullable=False),
+    Column("status", String(32)),
+    Column("training_steps", BigInteger),
+    Column("lora_rank", BigInteger),
+    Column("num_chips", BigInteger),
+    Column("ema", Double),
+    Column("learning_rate", Double),
+    Column("creation_time", UTCDateTime(), nullable=False),
+    Column("last_update_time", UTCDateTime()),
+    Column("extra", JSONType),
+    Column("sync_run_id", Integer, nullable=False),
+    Index(None, "model_id"),
 )
 
 CHANGE_INSERT = "insert"

@@ -1,9 +1,11 @@
-"""Render runs and datasets for people (aligned tables) and machines (JSON, CSV)."""
+"""Render runs, datasets and models for people (aligned tables) and machines (JSON, CSV),
+and the progress of a details fetch on a terminal."""
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
@@ -12,17 +14,21 @@ from sync.runs import RunRow
 
 FORMATS = ("table", "csv", "json")
 _RUN_HEADERS = (
-    "ACCOUNT", "RUN", "STARTED (UTC)", "DURATION", "STATUS",
+    "ACCOUNT", "RESOURCE", "RUN", "STARTED (UTC)", "DURATION", "STATUS",
     "SEEN", "INS", "UPD", "SAME", "DEL", "REJ", "ERROR",
 )  # fmt: skip
 # What a person wants at a glance; csv/json carry every column.
-_DATASET_TABLE_COLUMNS = ("dataset_id", "name", "user_id", "creation_time", "cover_asset_id")
+DATASET_TABLE_COLUMNS = (
+    "dataset_id", "name", "user_id", "creation_time", "cover_asset_id", "file_count",
+)  # fmt: skip
+MODEL_TABLE_COLUMNS = ("model_id", "name", "status", "dataset_id", "is_owned", "creation_time")
 
 
 def run_as_dict(run: RunRow) -> dict[str, Any]:
     """A run as a JSON-ready dict (ISO 8601 UTC times)."""
     return {
         "account": run.account,
+        "resource": run.resource,
         "run_id": run.id,
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
@@ -47,6 +53,7 @@ def write_runs(runs: Sequence[RunRow], fmt: str, out: TextIO) -> None:
     table = [
         (
             r.account,
+            r.resource,
             str(r.id),
             _when(r.started_at),
             "-" if r.duration_seconds is None else f"{r.duration_seconds:.1f}s",
@@ -60,10 +67,14 @@ def write_runs(runs: Sequence[RunRow], fmt: str, out: TextIO) -> None:
     _write_table(_RUN_HEADERS, table, out)
 
 
-def write_datasets(
-    rows: Iterable[Mapping[str, Any]], columns: Sequence[str], fmt: str, out: TextIO
+def write_rows(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str],
+    table_columns: Sequence[str],
+    fmt: str,
+    out: TextIO,
 ) -> int:
-    """Stream dataset rows as a table, CSV or JSON array; return how many were written."""
+    """Stream rows as a table (of `table_columns`), CSV or JSON array; return how many."""
     count = 0
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
@@ -82,10 +93,36 @@ def write_datasets(
         return count
     table = []
     for row in rows:
-        table.append(tuple(_clip(str(_plain(row[c])), 60) for c in _DATASET_TABLE_COLUMNS))
+        table.append(tuple(_clip(str(_plain(row[c])), 60) for c in table_columns))
         count += 1
-    _write_table(tuple(c.upper() for c in _DATASET_TABLE_COLUMNS), table, out)
+    _write_table(tuple(c.upper() for c in table_columns), table, out)
     return count
+
+
+class Progress:
+    """done/total, rate and time left of a details fetch, redrawn in place on `out` (a
+    terminal), at most every `every` seconds."""
+
+    def __init__(self, out: TextIO, every: float = 0.2) -> None:
+        self.out = out
+        self.every = every
+        self._started: dict[str, float] = {}
+        self._drawn = 0.0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        """Report that `done` of `total` items of `what` are fetched."""
+        now = time.monotonic()
+        started = self._started.setdefault(what, now)
+        if done < total and now - self._drawn < self.every:
+            return
+        self._drawn = now
+        elapsed = now - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
+        line = f"{what}: {done}/{total} ({rate:.1f}/s, ETA {left})"
+        # \r and erase-line: one line redrawn; a newline once the fetch is done.
+        self.out.write(f"\r\x1b[2K{line}" + ("\n" if done >= total else ""))
+        self.out.flush()
 
 
 def _write_table(headers: Sequence[str], table: Sequence[Sequence[str]], out: TextIO) -> None:

@@ -136,12 +136,12 @@ def parse_record(record: Any) -> DatasetRow:
     """Validate one `Dataset` object and shape it as a row; raise InvalidRecord if unusable."""
     if not isinstance(record, dict):
         raise InvalidRecord(f"record is a JSON {json_type(record)}, not an object")
-    dataset_id = _text(record, "dataset_id", MAX_ID_LENGTH, False)
-    name = _text(record, "name", MAX_NAME_LENGTH, True)
-    user_id = _text(record, "user_id", MAX_ID_LENGTH, False)
+    dataset_id = text_field(record, "dataset_id", MAX_ID_LENGTH, False)
+    name = text_field(record, "name", MAX_NAME_LENGTH, True)
+    user_id = text_field(record, "user_id", MAX_ID_LENGTH, False)
     raw_time = record.get("creation_time")
     if not isinstance(raw_time, str):
-        raise InvalidRecord(_missing_or_type("creation_time", raw_time, "string"))
+        raise InvalidRecord(missing_or_type("creation_time", raw_time, "string"))
     try:
         creation_time = parse_timestamp(raw_time)
     except ValueError as exc:
@@ -160,8 +160,8 @@ def parse_record(record: Any) -> DatasetRow:
             raise InvalidRecord(
                 f"cover_asset_identifier is a JSON {json_type(cover)}, not an object or null"
             )
-        cover_type = _text(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, False, "cover.")
-        cover_id = _text(cover, "asset_id", MAX_ID_LENGTH, False, "cover.")
+        cover_type = text_field(cover, "asset_type", MAX_ASSET_TYPE_LENGTH, False, "cover.")
+        cover_id = text_field(cover, "asset_id", MAX_ID_LENGTH, False, "cover.")
         cover_extra = (
             None
             if len(cover) == len(_KNOWN_COVER_FIELDS)
@@ -170,23 +170,27 @@ def parse_record(record: Any) -> DatasetRow:
         if cover_extra:
             extra["cover_asset_identifier"] = cover_extra
     if extra:
-        _check_extra(extra)
+        check_extra(extra)
     return DatasetRow(dataset_id, name, user_id, creation_time, cover_type, cover_id, extra or None)
 
 
-def _text(obj: dict[str, Any], key: str, max_length: int, empty_ok: bool, prefix: str = "") -> str:
+def text_field(
+    obj: dict[str, Any], key: str, max_length: int, empty_ok: bool, prefix: str = ""
+) -> str:
+    """obj[key]: a string the databases can store, of at most `max_length`; else InvalidRecord."""
     value = obj.get(key)
     if not isinstance(value, str):
-        raise InvalidRecord(_missing_or_type(prefix + key, value, "string"))
+        raise InvalidRecord(missing_or_type(prefix + key, value, "string"))
     if not empty_ok and not value.strip():
         raise InvalidRecord(f"{prefix}{key} is empty")
     if len(value) > max_length:
         raise InvalidRecord(f"{prefix}{key} is {len(value)} characters long (at most {max_length})")
-    _check_storable(value, prefix + key)
+    check_storable(value, prefix + key)
     return value
 
 
-def _check_storable(value: str, label: str) -> None:
+def check_storable(value: str, label: str) -> None:
+    """InvalidRecord for a string no database can store (NUL, lone surrogates)."""
     # PostgreSQL refuses NUL in text and every driver refuses lone surrogates
     # (JSON can carry both): reject the record rather than fail the whole run.
     if "\x00" in value:
@@ -197,7 +201,8 @@ def _check_storable(value: str, label: str) -> None:
         raise InvalidRecord(f"{label} contains invalid Unicode (a lone surrogate)") from None
 
 
-def _check_extra(value: Any, depth: int = 0) -> None:
+def check_extra(value: Any, depth: int = 0) -> None:
+    """InvalidRecord for unknown fields that some database's JSON column would refuse."""
     # Unknown fields are stored as JSON: every database must accept them, so no
     # NaN/Infinity (not JSON; PostgreSQL and MariaDB refuse them) and no nesting deeper
     # than MariaDB's JSON accepts (32 levels), which also keeps encoding them from
@@ -205,17 +210,17 @@ def _check_extra(value: Any, depth: int = 0) -> None:
     if depth > MAX_EXTRA_DEPTH:
         raise InvalidRecord(f"an unknown field is nested more than {MAX_EXTRA_DEPTH} levels deep")
     if isinstance(value, str):
-        _check_storable(value, "an unknown field")
+        check_storable(value, "an unknown field")
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRecord("an unknown field holds NaN or Infinity, which is not JSON")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_storable(k, "an unknown field")
-            _check_extra(v, depth + 1)
+            check_storable(k, "an unknown field")
+            check_extra(v, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_extra(item, depth + 1)
+            check_extra(item, depth + 1)
 
 
 def dataset_key(record: Any) -> str | None:
@@ -226,13 +231,14 @@ def dataset_key(record: Any) -> str | None:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return None
     try:
-        _check_storable(value, "dataset_id")
+        check_storable(value, "dataset_id")
     except InvalidRecord:
         return None
     return value
 
 
-def _missing_or_type(label: str, value: Any, wanted: str) -> str:
+def missing_or_type(label: str, value: Any, wanted: str) -> str:
+    """Why a required field is unusable: missing, null or of another JSON type."""
     if value is None:
         return f"{label} is missing or null"
     return f"{label} is a JSON {json_type(value)}, not a {wanted}"
@@ -244,7 +250,10 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 DATASETS = Resource(
+    name="datasets",
     noun="dataset",
+    path="/datasets",
+    listing_key="datasets",
     table=datasets,
     history=dataset_history,
     key="dataset_id",

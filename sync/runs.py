@@ -32,6 +32,7 @@ class RunRow:
     error: str | None
     scheduled_for: datetime | None = None
     listing_digest: str | None = None
+    resource: str = "datasets"
 
     @property
     def duration_seconds(self) -> float | None:
@@ -42,13 +43,18 @@ class RunRow:
 
 
 def start_run(
-    engine: Engine, account: str, now: datetime, scheduled_for: datetime | None = None
+    engine: Engine,
+    account: str,
+    now: datetime,
+    scheduled_for: datetime | None = None,
+    resource: str = "datasets",
 ) -> int:
-    """Insert and commit a `running` row; return its id."""
+    """Insert and commit a `running` row for `resource`; return its id."""
     with engine.begin() as conn:
         result = conn.execute(
             insert(sync_runs).values(
                 account=account,
+                resource=resource,
                 started_at=now,
                 status=RUN_RUNNING,
                 scheduled_for=scheduled_for,
@@ -59,7 +65,10 @@ def start_run(
 
 
 def slot_taken(engine: Engine, account: str, slot: datetime) -> bool:
-    """True when a run for this schedule slot already finished (on any replica)."""
+    """True when a run for this schedule slot already finished (on any replica).
+
+    Any resource: the replica that ran the slot's first one ran the rest under the same lease.
+    """
     with reading(engine).connect() as conn:
         found = conn.execute(
             select(sync_runs.c.id)
@@ -127,12 +136,12 @@ def finish_run(
 
 
 def unchanged_since(
-    conn: Connection, account: str, listing_digest: str
+    conn: Connection, account: str, listing_digest: str, resource: str = "datasets"
 ) -> tuple[int, Counts] | None:
     """If the tables still hold exactly what this listing would make them, the run that wrote it.
 
-    True when the account's newest successful run read a listing with this digest and no
-    run has written to `datasets` since (under the write lock, so nothing can slip in).
+    True when the account's newest successful run of `resource` read a listing with this
+    digest and no run of it has written since (under the write lock, so nothing can slip in).
     Returns that run's id and the counts a full diff would now produce (all unchanged).
     """
     newest = conn.execute(
@@ -146,19 +155,30 @@ def unchanged_since(
             sync_runs.c.unchanged,
             sync_runs.c.rejected,
         )
-        .where(sync_runs.c.account == account, sync_runs.c.status == RUN_SUCCESS)
+        .where(
+            sync_runs.c.account == account,
+            sync_runs.c.resource == resource,
+            sync_runs.c.status == RUN_SUCCESS,
+        )
         .order_by(sync_runs.c.id.desc())
         .limit(1)
     ).first()
     if newest is None or newest.listing_digest != listing_digest:
         return None
     # Any successful run that changed rows after it (of any account: a dataset listed by
-    # two accounts is one row) means the stored rows may differ from this listing.
+    # two accounts is one row) means the stored rows may differ from this listing. Runs of
+    # the details never change a listing's columns.
     wrote = sync_runs.c.inserted + sync_runs.c.updated + sync_runs.c.deleted > 0
     later = (sync_runs.c.id > newest.id) | (sync_runs.c.finished_at >= newest.finished_at)
     changed = conn.execute(
         select(sync_runs.c.id)
-        .where(sync_runs.c.status == RUN_SUCCESS, sync_runs.c.id != newest.id, wrote, later)
+        .where(
+            sync_runs.c.status == RUN_SUCCESS,
+            sync_runs.c.resource == resource,
+            sync_runs.c.id != newest.id,
+            wrote,
+            later,
+        )
         .limit(1)
     ).first()
     if changed is not None:
@@ -180,11 +200,14 @@ def fail_run(engine: Engine, run_id: int, error: str, counts: Counts, now: datet
 
 
 def latest_runs(engine: Engine, per_account: int = 5) -> list[RunRow]:
-    """The newest `per_account` runs of every account, newest first within each account."""
+    """The newest `per_account` runs of every account and resource, newest first in each."""
     ranked = select(
         sync_runs,
         func.row_number()
-        .over(partition_by=sync_runs.c.account, order_by=sync_runs.c.id.desc())
+        .over(
+            partition_by=(sync_runs.c.account, sync_runs.c.resource),
+            order_by=sync_runs.c.id.desc(),
+        )
         .label("run_rank"),
     ).subquery()
     query = (
@@ -196,15 +219,19 @@ def latest_runs(engine: Engine, per_account: int = 5) -> list[RunRow]:
         return [RunRow(**row._mapping) for row in conn.execute(query)]
 
 
-def last_success_by_account(engine: Engine) -> dict[str, datetime]:
-    """When each account's newest successful run finished."""
+def last_successes(engine: Engine) -> dict[tuple[str, str], datetime]:
+    """When each (account, resource)'s newest successful run finished."""
     query = (
-        select(sync_runs.c.account, func.max(sync_runs.c.finished_at))
+        select(sync_runs.c.account, sync_runs.c.resource, func.max(sync_runs.c.finished_at))
         .where(sync_runs.c.status == RUN_SUCCESS)
-        .group_by(sync_runs.c.account)
+        .group_by(sync_runs.c.account, sync_runs.c.resource)
     )
     with reading(engine).connect() as conn:
-        return {account: _as_utc(finished) for account, finished in conn.execute(query) if finished}
+        return {
+            (account, resource): _as_utc(finished)
+            for account, resource, finished in conn.execute(query)
+            if finished
+        }
 
 
 def _as_utc(value: datetime) -> datetime:

@@ -27,12 +27,21 @@ def fake_api() -> Iterator[FakeApi]:
     api.close()
 
 
+# Most tests are about the datasets listing, and count its requests and runs: they sync it
+# alone. Tests of the other resources (tests/test_resources.py) use ALL_RESOURCES.
+ONLY_DATASETS = {"IDEOGRAM_SYNC_RESOURCES": "datasets"}
+ALL_RESOURCES = {"IDEOGRAM_SYNC_RESOURCES": "datasets,dataset_details,models,model_details"}
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test starts in an empty folder with none of the tool's variables set."""
+    """Each test starts in an empty folder with none of the tool's variables set (but
+    ONLY_DATASETS)."""
     for name in list(os.environ):
         if name.startswith(("IDEOGRAM_", "MY_IDEOGRAM")):
             monkeypatch.delenv(name)
+    for name, value in ONLY_DATASETS.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
 
 
@@ -144,6 +153,7 @@ def subprocess_env(fake_api: FakeApi, db_url: str, **extra: str) -> dict[str, st
     """Environment for a real `python -m sync` process against the fake API and `db_url`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
     env.update(
+        ONLY_DATASETS,
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         IDEOGRAM_API_KEY=API_KEY,
         IDEOGRAM_API_BASE_URL=fake_api.url,

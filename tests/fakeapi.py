@@ -1,4 +1,5 @@
-"""A real HTTP server on 127.0.0.1 that plays the Ideogram API's GET /datasets."""
+"""A real HTTP server on 127.0.0.1 that plays the Ideogram API: GET /datasets,
+/datasets/{id}, /models and /models/{id}."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 
 @dataclass
@@ -44,17 +46,30 @@ class Seen:
 
 
 class FakeApi:
-    """Serve a listing (or scripted replies, first come first served) on a free local port."""
+    """Serve the listings and details (or scripted replies, first come first served, per
+    path) on a free local port."""
 
     def __init__(self) -> None:
         self.datasets: list[Any] = []
         # Listings per API key (several accounts); keys not in it get `datasets`.
         self.by_key: dict[str, list[Any]] = {}
+        self.models: list[Any] = []
+        # A dataset's files (GET /datasets/{id}), and a model's training runs (GET /models/{id}).
+        self.files: dict[str, list[Any]] = {}
+        self.training_runs: dict[str, list[Any]] = {}
+        # Answers for a path (or every path under a prefix ending in "/"): status only.
+        self.refused: dict[str, int] = {}
+        # Seconds every details request waits before its answer (a real API's latency).
+        self.detail_delay = 0.0
         # Keys answered with 401.
         self.rejected_keys: set[str] = set()
-        self.script: deque[Reply] = deque()
+        # Scripted replies by path ("/datasets", or a prefix such as "/datasets/").
+        self.scripts: dict[str, deque[Reply]] = {}
         self.requests: list[Seen] = []
         self.times: list[float] = []
+        # Requests being answered now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         # While set to an unset Event, requests wait (up to a minute) before any answer.
         self.gate: threading.Event | None = None
@@ -90,26 +105,77 @@ class FakeApi:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def push(self, *replies: Reply) -> None:
-        """Answer the next requests with these replies, then go back to the listing."""
+    def push(self, *replies: Reply, path: str = "/datasets") -> None:
+        """Answer the next requests of `path` with these replies, then go back to the data."""
         with self._lock:
-            self.script.extend(replies)
+            self.scripts.setdefault(path, deque()).extend(replies)
 
-    def _next(self, key: str | None) -> Reply:
+    def paths(self, prefix: str = "") -> list[str]:
+        """The paths requested so far (those starting with `prefix`)."""
         with self._lock:
-            if self.script:
-                return self.script.popleft()
+            return [r.path for r in self.requests if r.path.startswith(prefix)]
+
+    def _next(self, path: str, key: str | None) -> Reply:
+        with self._lock:
+            parent = path.rsplit("/", 1)[0] + "/"
+            for where in (path, parent):
+                if self.scripts.get(where):
+                    return self.scripts[where].popleft()
             if key in self.rejected_keys:
                 return Reply(401, {"detail": "Unauthorized"})
-            listing = self.by_key.get(key or "", self.datasets)
-            return Reply(200, {"datasets": listing}, {"Content-Type": "application/json"})
+            for where in (path, parent):
+                if where in self.refused:
+                    return Reply(self.refused[where], {"detail": "Forbidden"})
+            return self._answer(path, key)
+
+    def _answer(self, path: str, key: str | None) -> Reply:
+        listing = self.by_key.get(key or "", self.datasets)
+        if path == "/datasets":
+            return Reply(200, {"datasets": listing})
+        if path == "/models":
+            return Reply(200, {"models": self.models})
+        kind, _, item = path.strip("/").partition("/")
+        item = unquote(item)
+        if kind == "datasets":
+            found = [d for d in listing if isinstance(d, dict) and d.get("dataset_id") == item]
+            if not found:
+                return Reply(404, {"detail": "Dataset not found"})
+            files = self.files.get(item, [])
+            models = [
+                m["model_id"]
+                for m in self.models
+                if isinstance(m, dict) and m.get("dataset_id") == item
+            ]
+            body = {
+                "dataset": found[-1],
+                "file_count": len(files),
+                "files": files,
+                "custom_model_ids": models,
+            }
+            return Reply(200, body, delay=self.detail_delay)
+        if kind == "models":
+            found = [m for m in self.models if isinstance(m, dict) and m.get("model_id") == item]
+            if not found:
+                return Reply(404, {"detail": "Model not found"})
+            model = {**found[-1], "training_runs": self.training_runs.get(item, [])}
+            return Reply(200, {"model": model}, delay=self.detail_delay)
+        return Reply(404, {"detail": "Not Found"})
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.requests.append(Seen("GET", handler.path, dict(handler.headers.items())))
             self.times.append(time.monotonic())
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._reply(handler)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _reply(self, handler: BaseHTTPRequestHandler) -> None:
         key = handler.headers.get("Api-Key")
-        reply = self._next(key) if handler.path.split("?")[0] == "/datasets" else Reply(404)
+        reply = self._next(handler.path.split("?")[0], key)
         gate = self.gate
         if gate is not None:
             gate.wait(60)
@@ -187,3 +253,59 @@ def synthetic(count: int, start: datetime | None = None) -> list[dict[str, Any]]
         )
         for i in reversed(range(count))
     ]
+
+
+def model(
+    model_id: str,
+    name: str | None = None,
+    *,
+    dataset_id: str | None = None,
+    status: str | None = "COMPLETED",
+    owned: bool = True,
+    created: str = "2025-02-01T10:00:00+00:00",
+    updated: str | None = "2025-02-01T12:00:00+00:00",
+    **extra: Any,
+) -> dict[str, Any]:
+    """One CustomModel object in the API's exact shape (as GET /models lists it)."""
+    record: dict[str, Any] = {
+        "model_id": model_id,
+        "name": name if name is not None else f"Model {model_id}",
+        "status": status,
+        "dataset_id": dataset_id,
+        "custom_model_uri": f"model/{model_id}/version/1" if owned else None,
+        "is_owned": owned,
+        "is_available_for_generation": status == "COMPLETED",
+        "creation_time": created,
+        "last_update_time": updated,
+    }
+    record.update(extra)
+    return record
+
+
+def training_run(
+    run_id: str,
+    status: str | None = "COMPLETED",
+    *,
+    created: str = "2025-02-01T10:05:00+00:00",
+    updated: str | None = "2025-02-01T11:55:00Z",
+    **extra: Any,
+) -> dict[str, Any]:
+    """One TrainingRun object in the API's exact shape."""
+    record: dict[str, Any] = {
+        "training_run_id": run_id,
+        "status": status,
+        "training_steps": 1000,
+        "lora_rank": 16,
+        "num_chips": 4,
+        "ema": 0.999,
+        "learning_rate": 0.0001,
+        "creation_time": created,
+        "last_update_time": updated,
+    }
+    record.update(extra)
+    return record
+
+
+def file(name: str | None, size: int | None = 1024, **extra: Any) -> dict[str, Any]:
+    """One DatasetFile object."""
+    return {"file_name": name, "file_size_bytes": size, **extra}
