@@ -137,7 +137,8 @@ def _get(
     limited = 0
     while True:
         throttle.wait(halt)
-        response = client.get(session, api, url)
+        # Streamed, so read_body enforces max_response_bytes as the body arrives.
+        response = client.get(session, api, url, stream=True)
         with response:
             if response.status_code == 429 and limited < api.max_retries:
                 limited += 1

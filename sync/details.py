@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, insert, or_, select, true, update
+from sqlalchemy import Connection, bindparam, delete, insert, or_, select, true, update
 
 from sync.models import Counts
 from sync.records import InvalidRecord, Reject, record_hash
-from sync.resource import Details
+from sync.resource import DetailRows, Details
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,10 @@ def apply(
 ) -> DetailsApplied:
     """Write each fetched (key, body, or None for a 404) over what `stored` had."""
     step = checkpoint or (lambda: None)
-    listing = details.listing
-    table = listing.table
-    key_column = table.c[listing.key]
     result = DetailsApplied(Counts())
-    seen = inserted = updated = rejected = 0
+    seen = inserted = rejected = 0
     same: list[str] = []
+    changed: dict[str, tuple[str, DetailRows]] = {}
     for index, (key, body) in enumerate(fetched):
         seen += 1
         if body is None:
@@ -96,60 +94,80 @@ def apply(
             if stored.get(key) == digest:
                 same.append(key)
                 continue
-            rows = details.parse(json.loads(text), key)
+            changed[key] = (digest, details.parse(json.loads(text), key))
         except (InvalidRecord, ValueError, RecursionError) as exc:
             rejected += 1
             if len(result.rejects) < MAX_KEPT_REJECTS:
                 result.rejects.append(Reject(index, key, _why(exc)))
             continue
-        step()
-        conn.execute(
-            update(table)
-            .where(key_column == key)
-            .values(details_synced_at=now, details_hash=digest, **rows.values)
-        )
-        _replace_children(conn, details, key, account, rows.children, run_id)
         if stored.get(key) is None:
             inserted += 1
-        else:
-            updated += 1
+        if len(changed) >= BATCH_SIZE:
+            step()
+            _write(conn, details, account, changed, run_id, now)
+            changed = {}
+    step()
+    _write(conn, details, account, changed, run_id, now)
+    key_column = details.listing.table.c[details.listing.key]
     for start in range(0, len(same), BATCH_SIZE):
         step()
         conn.execute(
-            update(table)
+            update(details.listing.table)
             .where(key_column.in_(same[start : start + BATCH_SIZE]))
             .values(details_synced_at=now)
         )
+    updated = seen - len(result.missing) - len(same) - rejected - inserted
     result.counts = Counts(
         seen=seen, inserted=inserted, updated=updated, unchanged=len(same), rejected=rejected
     )
     return result
 
 
-def _replace_children(
+def _write(
     conn: Connection,
     details: Details,
-    key: str,
     account: str,
-    children: Sequence[dict[str, object]],
+    changed: dict[str, tuple[str, DetailRows]],
     run_id: int,
+    now: datetime,
 ) -> None:
-    table = details.children
-    parent = details.listing.key
-    conn.execute(delete(table).where(table.c[parent] == key))
-    if not children:
+    """The changed details of a batch: their parent rows' values, and their children
+    replaced whole."""
+    if not changed:
         return
-    if parent not in table.primary_key.columns:
+    listing, children = details.listing, details.children
+    parent = listing.key
+    names = list(next(iter(changed.values()))[1].values)
+    conn.execute(
+        update(listing.table)
+        .where(listing.table.c[parent] == bindparam("b_key"))
+        .values(
+            details_synced_at=now,
+            details_hash=bindparam("b_hash"),
+            **{name: bindparam(f"b_{name}") for name in names},
+        ),
+        [
+            {"b_key": key, "b_hash": digest, **{f"b_{n}": rows.values[n] for n in names}}
+            for key, (digest, rows) in changed.items()
+        ],
+    )
+    conn.execute(delete(children).where(children.c[parent].in_(list(changed))))
+    new = [
+        {**child, parent: key, "account": account, "sync_run_id": run_id}
+        for key, (_, rows) in changed.items()
+        for child in rows.children
+    ]
+    if not new:
+        return
+    if parent not in children.primary_key.columns:
         # Children keyed on an id of their own (a training run): one listed under another
         # parent before moves here instead of colliding with its old row.
-        (own_key,) = table.primary_key.columns
-        ids = [child[own_key.name] for child in children]
+        (own_key,) = children.primary_key.columns
+        new = list({child[own_key.name]: child for child in new}.values())  # the last wins
+        ids = [child[own_key.name] for child in new]
         for start in range(0, len(ids), BATCH_SIZE):
-            conn.execute(delete(table).where(own_key.in_(ids[start : start + BATCH_SIZE])))
-    conn.execute(
-        insert(table),
-        [{**child, parent: key, "account": account, "sync_run_id": run_id} for child in children],
-    )
+            conn.execute(delete(children).where(own_key.in_(ids[start : start + BATCH_SIZE])))
+    conn.execute(insert(children), new)
 
 
 def _why(exc: BaseException) -> str:

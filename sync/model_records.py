@@ -139,6 +139,8 @@ def parse_dataset_details(body: Any, dataset_id: str) -> DetailRows:
         check_storable(model_id, "custom_model_ids")
         model_ids.append(model_id)
     sizes = [f["file_size_bytes"] for f in files if f["file_size_bytes"] is not None]
+    if sum(sizes) > MAX_BIGINT:
+        raise InvalidRecord(f"the files' sizes add up to more than {MAX_BIGINT} bytes")
     values = {
         "file_count": file_count,
         # Null, not 0, when no file has a known size: "unknown" is not "empty".

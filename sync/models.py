@@ -132,7 +132,7 @@ datasets = Table(
     Column("content_hash", String(32)),
     # From GET /datasets/{id} (sync/details.py): null until its details were fetched.
     *_details_columns(),
-    Column("file_count", Integer),
+    Column("file_count", BigInteger),
     # The sum of the files' sizes; null when no file has a known size.
     Column("total_file_bytes", BigInteger),
     Column("custom_model_ids", JSONType),

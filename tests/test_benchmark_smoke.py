@@ -56,3 +56,31 @@ def test_benchmark_quick_run_writes_results_for_every_phase(tmp_path: Path) -> N
     }
     assert all(f["value"] > 0 for f in floors.values())
     assert "## Floors" in (tmp_path / "out" / "results.md").read_text()
+
+
+DETAILS_BENCH = REPO / "benchmarks" / "bench_details.py"
+
+
+def test_details_benchmark_tiny_run_writes_results(tmp_path: Path) -> None:
+    """bench_details.py at 20 datasets and 1 ms exits 0 and writes every run's numbers."""
+    out = tmp_path / "out"
+    args = [sys.executable, str(DETAILS_BENCH), "--datasets", "20", "--delay", "0.001"]
+    args += ["--repeat", "1", "--context", "2", "--out", str(out)]
+
+    result = subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("# ideogram-sync details fetch benchmark")
+    assert report["meta"]["datasets"] == 20
+    assert [s["concurrency"] for s in report["results"]] == [4, 2]
+    target = report["target"]
+    assert target["concurrency"] == 4 and target["limit"] == 1.3
+    assert isinstance(target["pass"], bool)
+    for summary in report["results"]:
+        (run,) = summary["runs"]
+        assert run["requests"] == 20
+        assert 1 <= run["max_in_flight"] <= run["concurrency"]
+        assert run["details_s"] > 0 and run["ratio"] > 0 and run["wall_s"] > 0

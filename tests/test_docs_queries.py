@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from sync.db import make_engine, migrate
-from tests.conftest import rows
-from tests.fakeapi import FakeApi, Reply, dataset
+from tests.conftest import ALL_RESOURCES, ONLY_DATASETS, rows
+from tests.fakeapi import FakeApi, Reply, dataset, file, model, training_run
 
 SCHEMA_DOC = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 DIALECTS = frozenset({"sqlite", "postgresql", "mysql"})
@@ -27,7 +27,22 @@ PER_USER = "Current datasets per user"
 PER_DAY = "Changes per day"
 FRESHNESS = "Freshness of the last successful sync"
 COVER = "Datasets whose cover changed"
-EXAMPLES = (WEEKLY, PER_USER, PER_DAY, FRESHNESS, COVER)
+MODELS_PER_DATASET = "Models per dataset and their status"
+TRAINING_WEEKLY = "Training runs by status per week"
+LARGEST = "Largest datasets by bytes"
+UNUSED = "Datasets never used for a model"
+EXAMPLES = (
+    WEEKLY,
+    PER_USER,
+    PER_DAY,
+    FRESHNESS,
+    COVER,
+    MODELS_PER_DATASET,
+    TRAINING_WEEKLY,
+    LARGEST,
+    UNUSED,
+)
+RESOURCES = ("datasets", "dataset_details", "models", "model_details")
 AS_OF = "State as of a moment"
 EXTRA = "Reading a field of `extra`"
 
@@ -160,6 +175,74 @@ def listings() -> list[list[dict[str, Any]]]:
     ]
 
 
+# Then two syncs of every resource over the last listing (a, b, c, d, f, g exist; e is gone),
+# which leave the datasets as they were. Files: a three sized ones, b one sized and one not,
+# c only unsized ones, d one, f none, g one (e's are never asked for: it is deleted).
+_FILES = {
+    "a": [file("a-1.png", 1000), file("a-2.png", 2000), file("a-3.png", 3000)],
+    "b": [file("b-1.png", 500), file("b-2.png", None)],
+    "c": [file("c-1.png", None), file(None, None)],
+    "d": [file("d-1.png", 10_000)],
+    "f": [],
+    "g": [file("g-1.png", 250)],
+    "e": [file("e-1.png", 99_999)],
+}
+
+
+def _run(run_id: str, status: str, created: str) -> dict[str, Any]:
+    return training_run(run_id, status, created=created, updated=created)
+
+
+def models_listings() -> list[list[dict[str, Any]]]:
+    """The models of the two syncs of every resource: the second deletes m-c1 (its training
+    run stays) and finishes m-b1, whose training runs then become one (tr-4 goes)."""
+    shared = {"owned": False}
+    first = [
+        model("m-a1", dataset_id="a", status="COMPLETED"),
+        model("m-a2", dataset_id="a", status="ERRORED"),
+        model("m-a3", dataset_id="a", status="COMPLETED"),  # owned, no training run listed
+        model("m-b1", dataset_id="b", status="TRAINING"),
+        model("m-b2", dataset_id="b", status="COMPLETED", **shared),
+        model("m-c1", dataset_id="c", status="COMPLETED"),
+        model("m-d1", dataset_id="d", status=None, **shared),
+        model("m-d2", dataset_id="d", status="TRAINING"),
+        model("m-e1", dataset_id="e", status="COMPLETED"),  # from the deleted dataset
+        model("m-x", dataset_id="ds-of-someone-else", status="COMPLETED", **shared),
+        model("m-none", dataset_id=None, status="COMPLETED"),
+    ]
+    second = [
+        model("m-b1", dataset_id="b", status="COMPLETED", updated="2025-02-06T09:00:00Z")
+        if m["model_id"] == "m-b1"
+        else m
+        for m in first
+        if m["model_id"] != "m-c1"
+    ]
+    return [first, second]
+
+
+def training_runs() -> list[dict[str, list[dict[str, Any]]]]:
+    """What GET /models/{id} lists, in each of the two syncs. Weeks (Monday, UTC): 2025-01-27
+    and 2025-02-03. tr-1 is Sunday 23:30 UTC (Monday east of UTC), tr-2 Monday 00:00 UTC
+    (Sunday west of it); m-b2 is shared, so its tr-9 is never asked for."""
+    first = {
+        "m-a1": [
+            _run("tr-1", "COMPLETED", "2025-02-02T23:30:00Z"),
+            _run("tr-2", "COMPLETED", "2025-02-03T00:00:00Z"),
+        ],
+        "m-a2": [_run("tr-3", "ERRORED", "2025-01-28T09:00:00Z")],
+        "m-b1": [
+            _run("tr-4", "ERRORED", "2025-02-04T08:00:00+02:00"),
+            _run("tr-5", "TRAINING", "2025-02-05T10:00:00Z"),
+        ],
+        "m-b2": [_run("tr-9", "COMPLETED", "2025-02-03T12:00:00Z")],
+        "m-c1": [_run("tr-6", "COMPLETED", "2025-01-30T12:00:00Z")],
+        "m-d2": [_run("tr-8", "TRAINING", "2025-02-06T12:00:00Z")],
+        "m-e1": [_run("tr-7", "COMPLETED", "2025-01-29T12:00:00Z")],
+    }
+    second = {**first, "m-b1": [_run("tr-5", "COMPLETED", "2025-02-05T10:00:00Z")]}
+    return [first, second]
+
+
 @pytest.fixture
 def synced(cli: RunCli, fake_api: FakeApi, db_url: str) -> str:
     """`db_url`, filled by real syncs of the listings above and one failed run."""
@@ -178,14 +261,27 @@ def synced_server(
 
 
 def _fill(cli: RunCli, fake_api: FakeApi, db_url: str) -> str:
+    """Five syncs of the datasets alone (runs 1 to 5), two of every resource (runs 6 to 13),
+    and a failed one of the datasets (run 14)."""
     for listing in listings():
         fake_api.datasets = listing
         result = cli("--database-url", db_url, "run")
         assert result.code == 0, result.output
+    fake_api.files = _FILES
+    for models, runs in zip(models_listings(), training_runs(), strict=True):
+        fake_api.models, fake_api.training_runs = models, runs
+        result = cli("--database-url", db_url, "run", env=ALL_RESOURCES)
+        assert result.code == 0, result.output
     fake_api.push(Reply(401))
-    assert cli("--database-url", db_url, "run").code == 3
-    statuses = [r["status"] for r in rows(db_url, "sync_runs", order="id")]
-    assert statuses == ["success"] * 5 + ["failed"]
+    assert cli("--database-url", db_url, "run", env=ONLY_DATASETS).code == 3
+    runs = [(r["resource"], r["status"]) for r in rows(db_url, "sync_runs", order="id")]
+    assert runs == [
+        *[("datasets", "success")] * 5,
+        *[(resource, "success") for resource in RESOURCES] * 2,
+        ("datasets", "failed"),
+    ]
+    # Every resource's run left what the examples below are about.
+    assert fake_api.paths("/models/m-b2") == fake_api.paths("/datasets/e") == []
     return db_url
 
 
@@ -249,14 +345,21 @@ def test_query_results_are_right(synced: str) -> None:
     current_versions = Counter(v["dataset_id"] for v in history if v["valid_to"] is None)
     assert current_versions == dict.fromkeys("abcdefg", 1)
 
-    (fresh,) = run(FRESHNESS)
+    freshness = run(FRESHNESS)
+    assert [(r["account"], r["resource"]) for r in freshness] == [
+        ("default", resource) for resource in sorted(RESOURCES)
+    ]
     runs = rows(synced, "sync_runs", order="id")
-    last_success = max(r["finished_at"] for r in runs if r["status"] == "success")
-    assert (fresh["account"], fresh["last_run_status"]) == ("default", "failed")
-    assert utc(fresh["last_run_finished_at"]) == runs[-1]["finished_at"]
-    assert utc(fresh["last_success_at"]) == last_success
-    assert 0 <= fresh["seconds_since_success"] < 600
-    assert fresh["freshness"] == "fresh"
+    for fresh in freshness:
+        mine = [r for r in runs if r["resource"] == fresh["resource"]]
+        last_success = max(r["finished_at"] for r in mine if r["status"] == "success")
+        # The datasets' newest run is the failed one; the others' newest succeeded.
+        status = "failed" if fresh["resource"] == "datasets" else "success"
+        assert fresh["last_run_status"] == mine[-1]["status"] == status, fresh
+        assert utc(fresh["last_run_finished_at"]) == mine[-1]["finished_at"]
+        assert utc(fresh["last_success_at"]) == last_success
+        assert 0 <= fresh["seconds_since_success"] < 600
+        assert fresh["freshness"] == "fresh"
 
     covers = [
         (
@@ -279,6 +382,102 @@ def test_query_results_are_right(synced: str) -> None:
     assert as_of["a"] == "A2" and as_of["d"] == "D2" and "b" not in as_of
 
     assert [r["dataset_id"] for r in run(EXTRA)] == ["f"]
+
+
+def test_model_and_detail_query_results_are_right(synced: str) -> None:
+    """The examples about models, training runs and files, on the second sync of every
+    resource (see models_listings, training_runs and _FILES)."""
+    backend = backend_of(synced)
+    blocks = doc_blocks()
+
+    def run(heading: str) -> list[dict[str, Any]]:
+        return query(synced, the_query(blocks, heading, backend))
+
+    # Active datasets x active models: m-c1 is deleted (c has no row); m-e1's dataset is
+    # deleted; m-x's dataset is not synced; m-none has none. m-b1 became COMPLETED.
+    per_dataset = [
+        (
+            r["dataset_id"],
+            r["dataset_name"],
+            r["model_status"],
+            int(r["n_models"]),
+            int(r["n_owned"]),
+            int(r["n_available"]),
+        )
+        for r in run(MODELS_PER_DATASET)
+    ]
+    assert sorted(per_dataset) == [
+        ("a", "A2", "COMPLETED", 2, 2, 2),
+        ("a", "A2", "ERRORED", 1, 1, 0),
+        ("b", "Dataset b", "COMPLETED", 2, 1, 2),
+        ("d", "D2", "(none)", 1, 0, 0),
+        ("d", "D2", "TRAINING", 1, 1, 0),
+    ]
+    assert [r[0] for r in per_dataset] == ["a", "a", "b", "d", "d"]
+
+    # Owned models' runs only (m-b2's tr-9 is not there), as the last details listed them
+    # (m-b1's tr-4 is gone, tr-5 completed); m-c1's tr-6 and m-e1's tr-7 stay with their
+    # deleted model or dataset. tr-1 (Sunday 23:30 UTC) and tr-2 (Monday 00:00 UTC) fall
+    # in different weeks.
+    weekly = [
+        (day_text(r["week_start"]), r["run_status"], int(r["n_runs"])) for r in run(TRAINING_WEEKLY)
+    ]
+    assert weekly == [
+        ("2025-01-27", "COMPLETED", 3),
+        ("2025-01-27", "ERRORED", 1),
+        ("2025-02-03", "COMPLETED", 2),
+        ("2025-02-03", "TRAINING", 1),
+    ]
+    stored = {r["training_run_id"]: r["model_id"] for r in rows(synced, "model_training_runs")}
+    assert stored == {
+        "tr-1": "m-a1",
+        "tr-2": "m-a1",
+        "tr-3": "m-a2",
+        "tr-5": "m-b1",
+        "tr-6": "m-c1",
+        "tr-7": "m-e1",
+        "tr-8": "m-d2",
+    }
+
+    # c (only unsized files) and f (no files) have no known size; e is deleted.
+    largest = [
+        (
+            r["dataset_id"],
+            r["name"],
+            r["file_count"],
+            int(r["total_file_bytes"]),
+            int(r["files_without_size"]),
+        )
+        for r in run(LARGEST)
+    ]
+    assert largest == [
+        ("d", "D2", 1, 10_000, 0),
+        ("a", "A2", 3, 6000, 0),
+        ("b", "Dataset b", 2, 500, 1),
+        ("g", "Dataset g", 1, 250, 0),
+    ]
+    current = {
+        r["dataset_id"]: (r["file_count"], r["total_file_bytes"])
+        for r in query(synced, "SELECT * FROM datasets_current")
+    }
+    assert current == {
+        "a": (3, 6000),
+        "b": (2, 500),
+        "c": (2, None),
+        "d": (1, 10_000),
+        "f": (0, None),
+        "g": (1, 250),
+    }
+
+    # c's only model is deleted, but it was used; e is deleted itself.
+    unused = [
+        (r["dataset_id"], r["user_id"], r["file_count"], r["total_file_bytes"]) for r in run(UNUSED)
+    ]
+    assert unused == [("f", "user-1", 0, None), ("g", "user-3", 1, 250)]
+    assert [utc(r["creation_time"]) for r in run(UNUSED)] == [
+        datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2025, 1, 19, 23, 59, 59, tzinfo=UTC),
+    ]
 
 
 def test_answers_do_not_depend_on_the_session_time_zone(synced_server: str) -> None:

@@ -526,9 +526,9 @@ def fast_sqlite(engine: Engine) -> None:
 def run_sync(engine: Engine, url: str, body: bytes, clock: Callable[[], datetime]) -> int:
     """One real sync of `body` for the default account; returns the run's id."""
     settings = Settings(database=DatabaseSettings(url=url))
-    result = sync_account(settings, settings.accounts[0], engine, body=body, clock=clock)
-    assert result is not None
-    return result.run_id
+    (outcome,) = sync_account(settings, settings.accounts[0], engine, body=body, clock=clock)
+    assert outcome.result is not None, outcome.error
+    return outcome.result.run_id
 
 
 def without_hash(row: dict[str, Any]) -> dict[str, Any]:

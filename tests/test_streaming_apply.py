@@ -108,9 +108,9 @@ def body_of(records: list[dict[str, Any]]) -> bytes:
 def sync(db: Db, body: bytes) -> int:
     """One real sync of `body` for the default account; returns the run's id."""
     settings = Settings(database=DatabaseSettings(url=db.url))
-    result = sync_account(settings, settings.accounts[0], db.engine, body=body, clock=db.clock)
-    assert result is not None
-    return result.run_id
+    (outcome,) = sync_account(settings, settings.accounts[0], db.engine, body=body, clock=db.clock)
+    assert outcome.result is not None, outcome.error
+    return outcome.result.run_id
 
 
 def repeated(records: list[dict[str, Any]], again: list[dict[str, Any]]) -> list[dict[str, Any]]:

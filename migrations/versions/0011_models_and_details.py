@@ -173,7 +173,7 @@ def upgrade() -> None:
     args = _table_args()
     for column in [
         *_details_columns(),
-        sa.Column("file_count", sa.Integer(), nullable=True),
+        sa.Column("file_count", sa.BigInteger(), nullable=True),
         sa.Column("total_file_bytes", sa.BigInteger(), nullable=True),
         sa.Column("custom_model_ids", JSON_TYPE, nullable=True),
     ]:
