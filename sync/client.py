@@ -46,7 +46,9 @@ class CancelFlag(Protocol):
 def make_session(api: ApiSettings, api_key: str, retry_429: bool = True) -> requests.Session:
     """A Session with the key, a User-Agent and urllib3 retries (backoff, Retry-After).
 
-    `retry_429=False` hands a 429 back to the caller (detail_fetch.py pauses every worker).
+    `retry_429=False` hands a 429 back to the caller (detail_fetch.py pauses every worker):
+    urllib3 would retry any answer with a Retry-After itself, so it then ignores that header
+    (a 503 is retried with the backoff).
     """
     retry = Retry(
         total=api.max_retries,
@@ -57,7 +59,7 @@ def make_session(api: ApiSettings, api_key: str, retry_429: bool = True) -> requ
         allowed_methods=frozenset({"GET"}),
         status_forcelist=RETRY_STATUSES if retry_429 else RETRY_STATUSES - {429},
         backoff_factor=api.backoff_factor,
-        respect_retry_after_header=True,
+        respect_retry_after_header=retry_429,
         # Hand back the last response when retries run out, so we can name its status.
         raise_on_status=False,
     )

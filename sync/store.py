@@ -456,11 +456,12 @@ class _Stage:
             rows = select(
                 *content, when, when, null(), literal(run_id), stage.c.content_hash
             ).where(chunk)
-            keys = [*row_keys, "first_seen_at", "updated_at", "deleted_at", "last_sync_run_id"]
+            keys = [
+                *row_keys,
+                *("first_seen_at", "updated_at", "deleted_at", "last_sync_run_id", "content_hash"),
+            ]
             self.conn.execute(
-                _upsert(self.conn.dialect.name, table, key).from_select(
-                    [*keys, "content_hash"], rows
-                )
+                _upsert(self.conn.dialect.name, table, key, keys).from_select(keys, rows)
             )
             versions = select(*content, when, null(), stage.c.change_type, literal(run_id))
             self.conn.execute(
@@ -488,11 +489,11 @@ def _history_keys(resource: Resource) -> list[str]:
     ]
 
 
-def _upsert(dialect_name: str, table: Table, key: str) -> Insert:
-    """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE of every column but the key and
-    first_seen_at, in the dialect."""
+def _upsert(dialect_name: str, table: Table, key: str, inserted: Sequence[str]) -> Insert:
+    """INSERT … ON CONFLICT/ON DUPLICATE KEY UPDATE of the `inserted` columns but the key and
+    first_seen_at, in the dialect (the row's other columns, its details, stay as they are)."""
     keep = {key, "first_seen_at"}
-    columns = [c.name for c in table.columns if c.name not in keep]
+    columns = [name for name in inserted if name not in keep]
     # Dialect packages are imported only for the one in use (each costs start-up time).
     if dialect_name in ("mysql", "mariadb"):
         from sqlalchemy.dialects import mysql

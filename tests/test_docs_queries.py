@@ -503,6 +503,15 @@ def _without(row: dict[str, Any], keys: set[str]) -> dict[str, Any]:
 
 BI_DOC = SCHEMA_DOC.with_name("bi.md")
 # What docs/bi.md's "What to read" sends analysts to, and the tool's own bookkeeping.
+# Those of migration 0011 exist only from then on.
+OBJECTS_OF_0011 = {
+    "dataset_files",
+    "models",
+    "model_history",
+    "model_training_runs",
+    "models_current",
+    "dataset_models",
+}
 ANALYST_OBJECTS = {
     "datasets",
     "dataset_history",
@@ -510,6 +519,7 @@ ANALYST_OBJECTS = {
     "datasets_current",
     "sync_runs_latest",
     "sync_daily",
+    *OBJECTS_OF_0011,
 }
 BOOKKEEPING = {"sync_locks", "alembic_version"}
 BI_RECIPES = {"postgresql": "PostgreSQL", "mysql": "MariaDB / MySQL"}
@@ -530,10 +540,47 @@ def bi_recipe(backend: str, database: str, user: str) -> list[str]:
     return [statement.strip() for statement in sql.split(";") if statement.strip()]
 
 
+BI_METABASE_ALERT = "Metabase"
+BI_GRAFANA_STAT = "Freshness: a stat panel"
+
+
+def test_bi_freshness_queries(synced: str) -> None:
+    """docs/bi.md's freshness queries, on a database whose every resource synced and whose
+    datasets run then failed: nothing is stale, and the stat panel gets one number."""
+    backend = backend_of(synced)
+    # Blocks inside list items too (the Metabase one is indented): every line dedented.
+    text = "\n".join(line.lstrip() for line in BI_DOC.read_text(encoding="utf-8").splitlines())
+    # The dashboard queries are the ones written for SQLite too (the grants are not).
+    dashboards = [b for b in sql_blocks(text) if "sqlite" in b.dialects]
+    assert {b.heading for b in dashboards} == {BI_METABASE_ALERT, BI_GRAFANA_STAT}
+    for block in dashboards:
+        assert block.dialects == DIALECTS, f"docs/bi.md:{block.line}"
+
+    assert query(synced, the_query(dashboards, BI_METABASE_ALERT, backend)) == []
+    (stat,) = query(synced, the_query(dashboards, BI_GRAFANA_STAT, backend))
+    assert list(stat) == ["seconds_since_success"]
+    assert 0 <= stat["seconds_since_success"] < 600
+    # With a threshold every resource is past, the question has a row for each, with the
+    # newest run's outcome: the failed one of the datasets, with its error.
+    everything_stale = the_query(dashboards, BI_METABASE_ALERT, backend).replace("93600", "-1")
+    alerts = {r["resource"]: r for r in query(synced, everything_stale)}
+    assert {resource: r["last_run_status"] for resource, r in alerts.items()} == {
+        resource: "failed" if resource == "datasets" else "success" for resource in RESOURCES
+    }
+    assert "HTTP 401" in alerts["datasets"]["error"]
+    assert alerts["models"]["error"] is None
+
+
+def _names_0011_object(statement: str) -> bool:
+    return any(re.search(rf"\b{name}\b", statement) for name in OBJECTS_OF_0011)
+
+
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_read_only_user_recipe(backend: str, tmp_path: Path) -> None:
-    """The recipe, run for real: its user reads every analyst table and view, also after a
-    migration that redefines a view, and can neither read nor list the bookkeeping tables."""
+    """The recipe, run for real: its user reads every analyst table and view, also after
+    migrations that redefine views, and can neither read nor list the bookkeeping tables.
+    The grants of migration 0011's objects are made after it, as for a user created before
+    the upgrade (the document says those statements are all such a user needs)."""
     from tests.conftest import database_url_for
 
     for url in database_url_for(backend, tmp_path):
@@ -542,12 +589,16 @@ def test_read_only_user_recipe(backend: str, tmp_path: Path) -> None:
         user = f"bi_{database[-10:]}"
         engine = make_engine(url)
         try:
-            # Granted before 0009 redefines sync_daily: the grant must survive it.
+            # Granted before 0009 and 0011 redefine views: the grants must survive them.
             migrate(engine, "0008")
+            recipe = bi_recipe(backend, database, user)
+            later = [statement for statement in recipe if _names_0011_object(statement)]
+            assert len(later) == (1 if backend == "postgresql" else len(OBJECTS_OF_0011))
             # Through the driver's own cursor, without parameters: sent as a client sends
             # it (no placeholder processing of the '%' host).
-            run_as_client(engine, bi_recipe(backend, database, user))
+            run_as_client(engine, [statement for statement in recipe if statement not in later])
             migrate(engine)
+            run_as_client(engine, later)
             _check_read_only_user(make_url(url).set(username=user, password=BI_PASSWORD))
         finally:
             if backend == "postgresql":
