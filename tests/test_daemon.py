@@ -107,11 +107,19 @@ def test_slots_metrics_health_and_sigterm(
     assert (status, body.strip()) == (200, "ok")
     status, text = get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
-    assert 'ideogram_sync_runs_total{account="default",status="success"}' in text
-    assert 'ideogram_sync_rows_total{account="default",change="inserted"} 2.0' in text
+    assert 'ideogram_sync_runs_total{account="default",resource="datasets",status="success"}' in text
+    assert (
+        'ideogram_sync_rows_total{account="default",change="inserted",resource="datasets"} 2.0'
+        in text
+    )
     assert 'ideogram_sync_datasets_active{account="default"} 2.0' in text
-    assert 'ideogram_sync_last_success_timestamp_seconds{account="default"}' in text
+    assert (
+        'ideogram_sync_last_success_timestamp_seconds{account="default",resource="datasets"}'
+        in text
+    )
     assert "ideogram_sync_run_duration_seconds_bucket" in text
+    # Only the configured resources (datasets, here) have series.
+    assert 'resource="models"' not in text and "ideogram_sync_models_active{" not in text
 
     code, err = stop(proc)
     assert code == 0, err
@@ -119,6 +127,7 @@ def test_slots_metrics_health_and_sigterm(
     assert all({"ts", "level", "event", "message"} <= set(line) for line in lines)
     ran = [line for line in lines if line["event"] == "run_succeeded"]
     assert ran and {"account", "run_id", "inserted", "updated", "duration_s"} <= set(ran[0])
+    assert ran[0]["resource"] == "datasets"
     assert any(line["event"] == "next_run" for line in lines)
     assert lines[-1]["event"] == "daemon_stopped"
     # Epoch-aligned one-second slots, each synced once.

@@ -521,3 +521,18 @@ def test_resources_setting_is_checked(
     config.write_text('[sync]\nresources = ["datasets", "files"]\n')
     result = cli("--config", str(config), "--database-url", sqlite_url, "run")
     assert result.code == 2 and "sync.resources: unknown 'files'" in result.err
+
+
+def test_a_listing_change_keeps_the_stored_details(
+    cli: Any, fake_api: FakeApi, db_url: str
+) -> None:
+    catalogue(fake_api)
+    assert sync(cli, db_url).code == 0
+    fake_api.datasets[0] = dataset("a", "Cats renamed")
+    fake_api.models[0] = model("m1", "Cat model renamed", dataset_id="a")
+    listings_only = {"IDEOGRAM_SYNC_RESOURCES": "datasets,models"}
+    assert cli("--database-url", db_url, "run", env=listings_only).code == 0
+    a = by_key(db_url, "datasets", "dataset_id")["a"]
+    assert (a["name"], a["file_count"], a["total_file_bytes"]) == ("Cats renamed", 2, 350)
+    assert a["details_synced_at"] is not None and a["custom_model_ids"] == ["m1", "m2"]
+    assert by_key(db_url, "models", "model_id")["m1"]["details_hash"] is not None
