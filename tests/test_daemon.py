@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from sync.config import ScheduleSettings
+from sync.config import RESOURCES, ScheduleSettings
 from sync.schedule import Schedule
-from tests.conftest import database_url_for, rows, subprocess_env
-from tests.fakeapi import FakeApi, Reply, dataset
+from tests.conftest import ALL_RESOURCES, database_url_for, rows, subprocess_env
+from tests.fakeapi import FakeApi, Reply, dataset, model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,19 @@ def free_port() -> int:
 
 
 def daemon(
-    fake_api: FakeApi, db_url: str, tmp_path: Path, config: str, *extra: str, name: str = "d"
+    fake_api: FakeApi,
+    db_url: str,
+    tmp_path: Path,
+    config: str,
+    *extra: str,
+    name: str = "d",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
+    """A daemon process with `config`; it syncs only datasets unless `env` says otherwise
+    (ALL_RESOURCES)."""
     path = tmp_path / f"{name}.toml"
     path.write_text(config)
-    env = subprocess_env(fake_api, db_url)
+    env = subprocess_env(fake_api, db_url, **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "sync", "--config", str(path), *extra, "daemon"],
         env=env,
@@ -127,7 +135,6 @@ def test_slots_metrics_health_and_sigterm(
     assert all({"ts", "level", "event", "message"} <= set(line) for line in lines)
     ran = [line for line in lines if line["event"] == "run_succeeded"]
     assert ran and {"account", "run_id", "inserted", "updated", "duration_s"} <= set(ran[0])
-    assert ran[0]["resource"] == "datasets"
     assert any(line["event"] == "next_run" for line in lines)
     assert lines[-1]["event"] == "daemon_stopped"
     # Epoch-aligned one-second slots, each synced once.
@@ -180,7 +187,7 @@ def test_every_accounts_series_starts_at_0_before_any_run(
         '[[accounts]]\nname = "one"\napi_key_env = "KEY_ONE"\n'
         '[[accounts]]\nname = "two"\napi_key_env = "KEY_TWO"\n'
     )
-    proc = daemon(fake_api, sqlite_db, tmp_path, config)
+    proc = daemon(fake_api, sqlite_db, tmp_path, config, env=ALL_RESOURCES)
     status, text = until(lambda: get(f"http://127.0.0.1:{port}/metrics"), proc=proc)
     code, err = stop(proc)
     assert code == 0, err
@@ -188,15 +195,20 @@ def test_every_accounts_series_starts_at_0_before_any_run(
     assert rows(sqlite_db, "sync_runs") == []  # really before any run
     samples = set(text.splitlines())
     for account in ("one", "two"):
-        for run_status in ("success", "failed", "locked", "skipped"):
-            line = f'ideogram_sync_runs_total{{account="{account}",status="{run_status}"}} 0.0'
-            assert line in samples, text
-        for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
-            line = f'ideogram_sync_rows_total{{account="{account}",change="{change}"}} 0.0'
-            assert line in samples, text
-        assert f'ideogram_sync_run_duration_seconds_count{{account="{account}"}} 0.0' in samples
+        for resource in RESOURCES:
+            of = f'account="{account}",resource="{resource}"'
+            for run_status in ("success", "failed", "locked", "skipped"):
+                line = f'ideogram_sync_runs_total{{{of},status="{run_status}"}} 0.0'
+                assert line in samples, text
+            for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
+                line = (
+                    f'ideogram_sync_rows_total{{account="{account}",change="{change}",'
+                    f'resource="{resource}"}} 0.0'
+                )
+                assert line in samples, text
+            assert f"ideogram_sync_run_duration_seconds_count{{{of}}} 0.0" in samples, text
         # Absent means never succeeded; 0 would read as "last success in 1970".
-        assert f'ideogram_sync_last_success_timestamp_seconds{{account="{account}"}}' not in text
+        assert "ideogram_sync_last_success_timestamp_seconds{" not in text
     assert "_created" not in text, text
     assert f'ideogram_sync_build_info{{version="{sync.__version__}"}} 1.0' in samples, text
 
@@ -215,11 +227,13 @@ def test_failing_runs_do_not_stop_it_and_health_says_why(
     until(lambda: any(r["status"] == "failed" for r in rows(sqlite_db, "sync_runs")), proc=proc)
     status, body = get(f"http://127.0.0.1:{port}/healthz")
     if not successes(sqlite_db):
-        assert status == 503 and "no successful sync yet" in body
+        assert (status, body) == (503, "default: no successful sync yet\n")
     until(lambda: successes(sqlite_db), proc=proc)
     assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     _, metrics = get(f"http://127.0.0.1:{port}/metrics")
-    assert 'ideogram_sync_runs_total{account="default",status="failed"}' in metrics
+    assert 'ideogram_sync_runs_total{account="default",resource="datasets",status="failed"}' in (
+        metrics
+    )
     code, err = stop(proc)
     assert code == 0
     assert "HTTP 500" in err and "next run at" in err

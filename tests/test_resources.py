@@ -536,3 +536,43 @@ def test_a_listing_change_keeps_the_stored_details(
     assert (a["name"], a["file_count"], a["total_file_bytes"]) == ("Cats renamed", 2, 350)
     assert a["details_synced_at"] is not None and a["custom_model_ids"] == ["m1", "m2"]
     assert by_key(db_url, "models", "model_id")["m1"]["details_hash"] is not None
+
+
+def test_the_examples_fake_api_serves_all_four_endpoints(tmp_path: Path) -> None:
+    """README's trial: examples/fake_api.py and a real run of every resource against it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "fake_api.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert "serving" in (server.stdout.readline() if server.stdout else "")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}
+        env.update(
+            PYTHONPATH=str(ROOT),
+            IDEOGRAM_API_KEY="anything",
+            IDEOGRAM_API_BASE_URL=f"http://127.0.0.1:{port}",
+        )
+        url = f"sqlite:///{tmp_path / 'trial.db'}"
+        done = subprocess.run(
+            [sys.executable, "-m", "sync", "--database-url", url, "run"],
+            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        recorded = [(r["resource"], r["status"], r["inserted"]) for r in runs(url)]
+        assert recorded == [
+            ("datasets", "success", 3),
+            ("dataset_details", "success", 3),
+            ("models", "success", 3),
+            ("model_details", "success", 2),
+        ]
+        assert len(rows(url, "dataset_files")) == 5 and len(rows(url, "model_training_runs")) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
