@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from sync.cli import build_parser, main
 from sync.db import make_engine, migrate
 from sync.models import sync_runs
-from tests.conftest import API_KEY, rows
-from tests.fakeapi import FakeApi, Reply, dataset
+from tests.conftest import ALL_RESOURCES, API_KEY, ONLY_DATASETS, rows
+from tests.fakeapi import FakeApi, Reply, dataset, model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "datasets.json"
@@ -131,8 +131,8 @@ def test_status_shows_runs_and_exit_code(cli, fake_api: FakeApi, sqlite_url: str
     ok = cli("--database-url", sqlite_url, "status")
     assert ok.code == 0
     header, line = ok.out.splitlines()[:2]
-    assert header.split()[:5] == ["ACCOUNT", "RUN", "STARTED", "(UTC)", "DURATION"]
-    assert line.split()[0] == "default" and "success" in line
+    assert header.split()[:6] == ["ACCOUNT", "RESOURCE", "RUN", "STARTED", "(UTC)", "DURATION"]
+    assert line.split()[:2] == ["default", "datasets"] and "success" in line
 
     fake_api.push(Reply(401, {"detail": "bad key"}))
     assert cli("--database-url", sqlite_url, "run").code == 3
@@ -264,6 +264,7 @@ def test_status_json(cli, fake_api: FakeApi, sqlite_url: str) -> None:
     assert result.code == 0
     (run,) = json.loads(result.out)
     assert run["account"] == "default" and run["status"] == "success"
+    assert run["resource"] == "datasets"
     assert run["inserted"] == 1 and run["error"] is None
     assert run["started_at"].endswith("Z") and run["duration_seconds"] >= 0
 
@@ -325,9 +326,11 @@ def test_postgresql_schema_holds_everything(cli, fake_api: FakeApi, tmp_path: Pa
             assert inspector.get_view_names(schema="public") == []
             assert set(inspector.get_table_names(schema="ideogram")) == {
                 "alembic_version", "datasets", "sync_runs", "dataset_history", "sync_locks",
+                "dataset_files", "models", "model_history", "model_training_runs",
             }  # fmt: skip
             assert set(inspector.get_view_names(schema="ideogram")) == {
-                "datasets_current", "sync_runs_latest", "sync_daily",
+                "datasets_current", "sync_runs_latest", "sync_daily", "models_current",
+                "dataset_models",
             }  # fmt: skip
         finally:
             engine.dispose()
@@ -369,3 +372,43 @@ def test_status_max_age(cli, fake_api: FakeApi, sqlite_url: str, tmp_path: Path)
 
     bad = cli("--database-url", sqlite_url, "status", "--max-age", "soon")
     assert bad.code == 2 and "--max-age must be a duration" in bad.err
+
+
+def test_status_checks_every_resource(cli, fake_api: FakeApi, sqlite_url: str) -> None:
+    """Each configured resource is a row of its own in `status`, and --max-age checks each:
+    a failing models resource names itself, and the model details that could not run."""
+    import json
+
+    fake_api.datasets = [dataset("a")]
+    fake_api.models = [model("m1", dataset_id="a")]
+    fake_api.refused["/models"] = 500
+    env = {**ALL_RESOURCES, "IDEOGRAM_SYNC_CONFIG": _fast_config()}
+    assert cli("--database-url", sqlite_url, "run", env=env).code == 1
+    table = cli("--database-url", sqlite_url, "status")
+    assert table.code == 1  # a resource's newest run failed
+    by_resource = {line.split()[1]: line for line in table.out.splitlines()[1:]}
+    assert set(by_resource) == {"datasets", "dataset_details", "models"}
+    assert "success" in by_resource["datasets"] and "success" in by_resource["dataset_details"]
+    assert "failed" in by_resource["models"]
+    runs = json.loads(cli("--database-url", sqlite_url, "status", "--format", "json").out)
+    assert {(run["resource"], run["status"]) for run in runs} == {
+        ("datasets", "success"), ("dataset_details", "success"), ("models", "failed"),
+    }  # fmt: skip
+    stale = cli("--database-url", sqlite_url, "status", "--max-age", "1d")
+    assert stale.code == 4
+    problems = sorted(
+        line.split("stale: ", 1)[1] for line in stale.err.splitlines() if "stale: " in line
+    )
+    assert problems == [
+        "account default (model_details): no successful run yet",
+        "account default (models): its last run failed",
+    ]
+    # Datasets alone configured: the other resources' runs are not checked.
+    only = cli("--database-url", sqlite_url, "status", "--max-age", "1d", env=ONLY_DATASETS)
+    assert only.code == 0, only.err
+
+    del fake_api.refused["/models"]
+    assert cli("--database-url", sqlite_url, "run", env=env).code == 0
+    fresh = cli("--database-url", sqlite_url, "status", "--max-age", "1d")
+    assert fresh.code == 0, fresh.err
+    assert cli("--database-url", sqlite_url, "status").code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,7 +116,9 @@ def test_slots_metrics_health_and_sigterm(
     assert (status, body.strip()) == (200, "ok")
     status, text = get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
-    assert 'ideogram_sync_runs_total{account="default",resource="datasets",status="success"}' in text
+    assert (
+        'ideogram_sync_runs_total{account="default",resource="datasets",status="success"}' in text
+    )
     assert (
         'ideogram_sync_rows_total{account="default",change="inserted",resource="datasets"} 2.0'
         in text
@@ -237,6 +240,83 @@ def test_failing_runs_do_not_stop_it_and_health_says_why(
     code, err = stop(proc)
     assert code == 0
     assert "HTTP 500" in err and "next run at" in err
+
+
+def test_a_failing_resource_is_named_by_health_and_metrics(
+    fake_api: FakeApi, sqlite_db: str, tmp_path: Path
+) -> None:
+    """With every resource synced, one that keeps failing (models, and the model details
+    built on it) makes /healthz name it, counts its failures under its own resource, and
+    costs the others nothing."""
+    fake_api.datasets = [dataset("a")]
+    fake_api.models = [model("m1", dataset_id="a")]
+    fake_api.refused["/models"] = 500
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = (
+        '[api]\nmax_retries = 0\n[schedule]\ninterval = "1s"\nmax_age = "1h"\n'
+        f'[metrics]\nport = {port}\nhost = "127.0.0.1"\n'
+    )
+    proc = daemon(fake_api, sqlite_db, tmp_path, config, env=ALL_RESOURCES)
+    models_failed = re.compile(
+        r'^ideogram_sync_runs_total\{account="default",resource="models",status="failed"\} '
+        r"[1-9]",
+        re.M,
+    )
+    details_synced = re.compile(
+        r'^ideogram_sync_last_success_timestamp_seconds\{account="default",'
+        r'resource="dataset_details"\} [1-9]',
+        re.M,
+    )
+    metrics = until(
+        lambda: (
+            (text := get(f"{base}/metrics")[1])
+            and models_failed.search(text)
+            and details_synced.search(text)
+            and text
+        ),
+        proc=proc,
+    )
+    assert get(f"{base}/healthz") == (
+        503,
+        "default (models): no successful sync yet; "
+        "default (model_details): no successful sync yet\n",
+    )
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line[:1] != "#")
+
+    def runs(resource: str, status: str) -> float:
+        return float(
+            samples[
+                f'ideogram_sync_runs_total{{account="default",resource="{resource}",'
+                f'status="{status}"}}'
+            ]
+        )
+
+    assert runs("datasets", "success") >= 1 and runs("dataset_details", "success") >= 1
+    assert runs("datasets", "failed") == 0 and runs("dataset_details", "failed") == 0
+    assert runs("models", "success") == 0
+    # Never run: skipped for the failure of the models it builds on.
+    assert runs("model_details", "failed") == 0 and runs("model_details", "success") == 0
+    last = "ideogram_sync_last_success_timestamp_seconds"
+    assert f'{last}{{account="default",resource="datasets"}}' in samples
+    assert not any(
+        f'resource="{name}"' in line
+        for line in samples
+        if last in line
+        for name in ("models", "model_details")
+    )
+    assert samples['ideogram_sync_models_active{account="default"}'] == "0.0"
+    assert samples['ideogram_sync_datasets_active{account="default"}'] == "1.0"
+
+    # The API lets the models through again: every resource syncs, and health recovers.
+    del fake_api.refused["/models"]
+    until(lambda: get(f"{base}/healthz") == (200, "ok\n"), proc=proc)
+    metrics = get(f"{base}/metrics")[1]
+    assert 'ideogram_sync_models_active{account="default"} 1.0' in metrics
+    assert f'{last}{{account="default",resource="model_details"}}' in metrics
+    code, err = stop(proc)
+    assert code == 0, err
+    assert "run failed for account default (models)" in err
 
 
 def test_sigterm_lets_the_run_finish_then_aborts_it_after_the_grace(

@@ -43,7 +43,7 @@ from docker.utils.build import exclude_paths
 
 from sync import __version__
 from sync.cli import build_parser
-from sync.config import Settings, load_settings, parse_duration
+from sync.config import RESOURCES, Settings, load_settings, parse_duration
 from sync.daemon import ABORT_WAIT_SECONDS
 from sync.metrics import Metrics
 from tests.conftest import API_KEY
@@ -1067,7 +1067,13 @@ def test_crontab_jobs_are_silent_when_all_is_well_and_speak_up_when_not(
     assert "rejected" in output
     code, output = cron(check_command)
     assert code == 4
-    assert "stale: account default: its last run failed" in output
+    # The ConfigMap syncs every resource: the listings failed, and the details, which
+    # build on them, were not run (their last runs succeeded, within the max age).
+    stale = [line.split("stale: ", 1)[1] for line in output.splitlines() if "stale: " in line]
+    assert sorted(stale) == [
+        "account default (models): its last run failed",
+        "account default: its last run failed",
+    ], output
 
 
 # -- the daemon as deployed ---------------------------------------------------------
@@ -1102,23 +1108,36 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    success = re.compile(
-        r'^ideogram_sync_runs_total\{account="default",status="success"\} [1-9]', re.M
-    )
+    deployed = load_settings(str(config), env={})
+    accounts = [a.name for a in deployed.accounts]
+    assert accounts == ["default"]
+    # The ConfigMap leaves [sync] resources at its default: every resource.
+    resources = deployed.sync.resources
+    assert resources == RESOURCES
+    successes = [
+        re.compile(
+            rf'^ideogram_sync_runs_total\{{account="default",resource="{resource}",'
+            rf'status="success"\}} [1-9]',
+            re.M,
+        )
+        for resource in resources
+    ]
     try:
-        # /healthz turns 200 when the run's commit is visible; the counter follows a moment
-        # later, once the run has returned.
+        # /healthz turns 200 when every resource's commit is visible; the counters follow
+        # a moment later, once the run has returned.
         deadline = time.monotonic() + 60
         health, metrics = (0, ""), (0, "")
         while time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(OSError):  # not listening yet
                 health, metrics = get(f"{base}/healthz"), get(f"{base}/metrics")
-            if health[0] == 200 and success.search(metrics[1]):
+            if health[0] == 200 and all(success.search(metrics[1]) for success in successes):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         assert health == (200, "ok\n")
-        assert metrics[0] == 200 and success.search(metrics[1]), metrics
+        assert metrics[0] == 200, metrics
+        for success in successes:
+            assert success.search(metrics[1]), metrics
         # IdeogramSyncRunsFailing (deploy/prometheus/alerts.yml) counts the whole value of
         # a series with no sample from before the hour: every configured account's series
         # exist at 0 from start-up. sync/metrics.py turns off prometheus_client's *_created
@@ -1128,16 +1147,15 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
             (name, labels): float(value)
             for name, labels, value in re.findall(r"^(\w+)(\{.*\})? (\S+)$", metrics[1], re.M)
         }
-        accounts = [a.name for a in load_settings(str(config), env={}).accounts]
-        assert accounts == ["default"]
         runs = {
             labels: value
             for (name, labels), value in samples.items()
             if name == "ideogram_sync_runs_total"
         }
         expected = {
-            f'{{account="{account}",status="{status}"}}': status
+            f'{{account="{account}",resource="{resource}",status="{status}"}}': status
             for account in accounts
+            for resource in resources
             for status in ("success", "failed", "locked", "skipped")
         }
         assert set(runs) == set(expected), metrics[1]
@@ -1145,11 +1163,16 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
             # The start-up run has succeeded (checked above); nothing else has happened.
             assert (runs[labels] >= 1) if status == "success" else (runs[labels] == 0), labels
         for account in accounts:
-            for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
-                labels = f'{{account="{account}",change="{change}"}}'
-                assert ("ideogram_sync_rows_total", labels) in samples, labels
+            for resource in resources:
+                for change in ("inserted", "updated", "unchanged", "deleted", "rejected"):
+                    labels = f'{{account="{account}",change="{change}",resource="{resource}"}}'
+                    assert ("ideogram_sync_rows_total", labels) in samples, labels
+                labels = f'{{account="{account}",resource="{resource}"}}'
+                assert ("ideogram_sync_run_duration_seconds_count", labels) in samples, labels
+                assert ("ideogram_sync_last_success_timestamp_seconds", labels) in samples, labels
             labels = f'{{account="{account}"}}'
-            assert ("ideogram_sync_run_duration_seconds_count", labels) in samples, labels
+            assert samples[("ideogram_sync_datasets_active", labels)] == 2
+            assert samples[("ideogram_sync_models_active", labels)] == 0
         assert samples[("ideogram_sync_build_info", f'{{version="{__version__}"}}')] == 1
         assert [key for key in samples if key[0] == "ideogram_sync_build_info"] == [
             ("ideogram_sync_build_info", f'{{version="{__version__}"}}')

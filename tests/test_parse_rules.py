@@ -64,7 +64,9 @@ def test_a_fixed_parse_reaches_exactly_the_rows_it_changes(
         return row._replace(name=row.name.strip())
 
     monkeypatch.setattr(records, "HASH_VERSION", "9")
-    monkeypatch.setattr(job, "DATASETS", dataclasses.replace(records.DATASETS, parse=trimmed))
+    monkeypatch.setitem(
+        job.LISTINGS, "datasets", dataclasses.replace(records.DATASETS, parse=trimmed)
+    )
     assert cli("--database-url", db_url, "run").code == 0
 
     run = last_run(db_url)

@@ -270,7 +270,7 @@ def test_a_signal_right_after_the_run_row_is_recorded(
         # Where a signal handler's exception would surface: the first step after the row.
         raise Terminated()
 
-    monkeypatch.setattr(job, "_fetcher", interrupted)
+    monkeypatch.setattr(job._Job, "_abandon_orphans", interrupted)
     before = data(synced)
     result = cli("--database-url", synced, "run")
     assert result.code == 143
