@@ -16,6 +16,7 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,9 +31,14 @@ def file_for(folder: Path, path: str) -> Path | None:
     parts = [unquote(part) for part in urlsplit(path).path.strip("/").split("/")]
     if parts in (["datasets"], ["models"]):
         return folder / f"{parts[0]}.json"
-    if len(parts) == 2 and parts[0] in ("datasets", "models") and _ID.fullmatch(parts[1]):
-        if ".." not in parts[1]:
-            return folder / "details" / parts[0] / f"{parts[1]}.json"
+    kind, item = (parts + [""])[:2]
+    if (
+        len(parts) == 2
+        and kind in ("datasets", "models")
+        and _ID.fullmatch(item)
+        and ".." not in item
+    ):
+        return folder / "details" / kind / f"{item}.json"
     return None
 
 
@@ -62,10 +68,8 @@ def main() -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"serving {folder} as the Ideogram API on http://127.0.0.1:{args.port} (Ctrl-C stops)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
