@@ -31,7 +31,7 @@ def file_for(folder: Path, path: str) -> Path | None:
     parts = [unquote(part) for part in urlsplit(path).path.strip("/").split("/")]
     if parts in (["datasets"], ["models"]):
         return folder / f"{parts[0]}.json"
-    kind, item = (parts + [""])[:2]
+    kind, item = [*parts, ""][:2]
     if (
         len(parts) == 2
         and kind in ("datasets", "models")
