@@ -311,9 +311,15 @@ def test_a_failing_resource_is_named_by_health_and_metrics(
     # The API lets the models through again: every resource syncs, and health recovers.
     del fake_api.refused["/models"]
     until(lambda: get(f"{base}/healthz") == (200, "ok\n"), proc=proc)
-    metrics = get(f"{base}/metrics")[1]
-    assert 'ideogram_sync_models_active{account="default"} 1.0' in metrics
-    assert f'{last}{{account="default",resource="model_details"}}' in metrics
+    # The gauges are read from the database once the run has returned, after the commits.
+    until(
+        lambda: (
+            (text := get(f"{base}/metrics")[1])
+            and 'ideogram_sync_models_active{account="default"} 1.0' in text
+            and f'{last}{{account="default",resource="model_details"}}' in text
+        ),
+        proc=proc,
+    )
     code, err = stop(proc)
     assert code == 0, err
     assert "run failed for account default (models)" in err

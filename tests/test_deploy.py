@@ -1121,10 +1121,18 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
             re.M,
         )
         for resource in resources
+    ] + [
+        re.compile(
+            rf'^ideogram_sync_last_success_timestamp_seconds\{{account="default",'
+            rf'resource="{resource}"\}} [1-9]',
+            re.M,
+        )
+        for resource in resources
     ]
     try:
         # /healthz turns 200 when every resource's commit is visible; the counters follow
-        # a moment later, once the run has returned.
+        # a moment later, once the run has returned, and then the gauges, read from the
+        # database.
         deadline = time.monotonic() + 60
         health, metrics = (0, ""), (0, "")
         while time.monotonic() < deadline and proc.poll() is None:
@@ -1169,7 +1177,6 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
                     assert ("ideogram_sync_rows_total", labels) in samples, labels
                 labels = f'{{account="{account}",resource="{resource}"}}'
                 assert ("ideogram_sync_run_duration_seconds_count", labels) in samples, labels
-                assert ("ideogram_sync_last_success_timestamp_seconds", labels) in samples, labels
             labels = f'{{account="{account}"}}'
             assert samples[("ideogram_sync_datasets_active", labels)] == 2
             assert samples[("ideogram_sync_models_active", labels)] == 0
