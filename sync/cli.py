@@ -481,7 +481,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for run in runs:
         newest.setdefault((run.account, run.resource), run.status)
     if max_age is None:
-        healthy = bool(newest) and all(status == "success" for status in newest.values())
+        # A resource turned off since (its last run failed, say) says nothing of today.
+        synced = [s for (_, resource), s in newest.items() if resource in settings.sync.resources]
+        healthy = bool(synced) and all(status == "success" for status in synced)
         return EXIT_OK if healthy else EXIT_FAILED
     expected = [(a.name, r) for a in settings.accounts for r in settings.sync.resources]
     problems = stale_accounts(expected, newest, successes, max_age, datetime.now(UTC))

@@ -139,9 +139,8 @@ def sync_account(
                 return [Outcome(account.name, names[0])]
             job = _Job(settings, account, engine, lease, api_key, stop, clock, log_fields)
             job.body, job.prefetched, job.progress = body, prefetched, progress
-            job.max_delete_fraction = (
-                None if allow_mass_delete else settings.sync.max_delete_fraction
-            )
+            if allow_mass_delete:
+                job.max_delete_fraction = None
             outcomes: list[Outcome] = []
             failed: set[str] = set()
             for name in names:
@@ -223,12 +222,15 @@ class _Stop:
 
 
 class _Job:
-    """One account's resources, one run each, under the lease the caller holds."""
+    """One account's resources, one run each, under the lease the caller holds.
+
+    `body` (run --input), `prefetched` (the datasets listing's download, started early) and
+    `progress` are set by sync_account when it has them.
+    """
 
     body: bytes | None = None
     prefetched: client.PendingFetch | None = None
     progress: Progress | None = None
-    max_delete_fraction: float | None = None
 
     def __init__(
         self,
@@ -250,6 +252,7 @@ class _Job:
         self.clock = clock
         self.log_fields = log_fields
         self.url = settings.database.url
+        self.max_delete_fraction = settings.sync.max_delete_fraction
 
     def run(self, name: str, slot: datetime | None) -> Outcome:
         """Record a run of resource `name`, do it, and record how it ended."""

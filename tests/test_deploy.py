@@ -1147,9 +1147,9 @@ def test_deployment_daemon_serves_healthz_and_stops_cleanly(
         for success in successes:
             assert success.search(metrics[1]), metrics
         # IdeogramSyncRunsFailing (deploy/prometheus/alerts.yml) counts the whole value of
-        # a series with no sample from before the hour: every configured account's series
-        # exist at 0 from start-up. sync/metrics.py turns off prometheus_client's *_created
-        # series.
+        # a series with no sample from before the hour: the series of every configured
+        # account and resource exist at 0 from start-up. sync/metrics.py turns off
+        # prometheus_client's *_created series.
         assert "_created" not in metrics[1], metrics[1]
         samples = {
             (name, labels): float(value)

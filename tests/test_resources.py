@@ -576,3 +576,16 @@ def test_the_examples_fake_api_serves_all_four_endpoints(tmp_path: Path) -> None
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_status_leaves_out_a_resource_turned_off(
+    cli: Any, fake_api: FakeApi, sqlite_url: str
+) -> None:
+    catalogue(fake_api)
+    fake_api.refused["/models"] = 403
+    assert sync(cli, sqlite_url).code == 1
+    assert cli("--database-url", sqlite_url, "status", env=ALL_RESOURCES).code == 1
+    # The models' failed run stays in sync_runs, but they are no longer synced.
+    off = {"IDEOGRAM_SYNC_RESOURCES": "datasets,dataset_details"}
+    assert cli("--database-url", sqlite_url, "status", env=off).code == 0
+    assert cli("--database-url", sqlite_url, "status", "--max-age", "1h", env=off).code == 0
