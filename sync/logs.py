@@ -14,7 +14,16 @@ from typing import Any
 from sync.redact import RedactingFilter, install_record_factory
 
 # Fields a record may carry through `extra=`; JSON lines include them when present.
-_EXTRA_FIELDS = ("event", "account", "run_id", "counts", "duration_s", "error", "next_run")
+_EXTRA_FIELDS = (
+    "event",
+    "account",
+    "resource",
+    "run_id",
+    "counts",
+    "duration_s",
+    "error",
+    "next_run",
+)
 
 
 # The run a line is about: {"account": ..., "run_id": ...}, for every logger, set by the

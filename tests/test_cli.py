@@ -406,6 +406,7 @@ def test_status_checks_every_resource(cli, fake_api: FakeApi, sqlite_url: str) -
     # Datasets alone configured: the other resources' runs are not checked.
     only = cli("--database-url", sqlite_url, "status", "--max-age", "1d", env=ONLY_DATASETS)
     assert only.code == 0, only.err
+    assert cli("--database-url", sqlite_url, "status", env=ONLY_DATASETS).code == 0
 
     del fake_api.refused["/models"]
     assert cli("--database-url", sqlite_url, "run", env=env).code == 0

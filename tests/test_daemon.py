@@ -138,6 +138,7 @@ def test_slots_metrics_health_and_sigterm(
     assert all({"ts", "level", "event", "message"} <= set(line) for line in lines)
     ran = [line for line in lines if line["event"] == "run_succeeded"]
     assert ran and {"account", "run_id", "inserted", "updated", "duration_s"} <= set(ran[0])
+    assert ran[0]["resource"] == "datasets"
     assert any(line["event"] == "next_run" for line in lines)
     assert lines[-1]["event"] == "daemon_stopped"
     # Epoch-aligned one-second slots, each synced once.
