@@ -23,6 +23,7 @@ from sync.records import (
     missing_or_type,
     parse_timestamp,
     text_field,
+    usable_key,
 )
 from sync.resource import DetailRows, Details, Resource
 
@@ -102,7 +103,7 @@ def parse_model(record: Any) -> ModelRow:
 
 def model_key(record: Any) -> str | None:
     """The record's model_id if it could key a row (even if the record is rejected), else None."""
-    return _usable_key(record, "model_id")
+    return usable_key(record, "model_id")
 
 
 def parse_dataset_details(body: Any, dataset_id: str) -> DetailRows:
@@ -256,19 +257,6 @@ def _unknown(obj: dict[str, Any], known: frozenset[str] | set[str]) -> dict[str,
     if extra:
         check_extra(extra)
     return extra or None
-
-
-def _usable_key(record: Any, field: str) -> str | None:
-    if not isinstance(record, dict):
-        return None
-    value = record.get(field)
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
-        return None
-    try:
-        check_storable(value, field)
-    except InvalidRecord:
-        return None
-    return value
 
 
 def _shown(value: Any) -> str:

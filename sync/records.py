@@ -225,13 +225,18 @@ def check_extra(value: Any, depth: int = 0) -> None:
 
 def dataset_key(record: Any) -> str | None:
     """The record's dataset_id if it could key a row (even if the record is rejected), else None."""
+    return usable_key(record, "dataset_id")
+
+
+def usable_key(record: Any, field: str) -> str | None:
+    """record[field] if it could key a row (even if the record is rejected), else None."""
     if not isinstance(record, dict):
         return None
-    value = record.get("dataset_id")
+    value = record.get(field)
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return None
     try:
-        check_storable(value, "dataset_id")
+        check_storable(value, field)
     except InvalidRecord:
         return None
     return value
