@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let this run soft-delete more than sync.max_delete_fraction of the datasets",
     )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="fetch, parse and diff as a run would, print what it would change; write nothing",
+    )
+    run.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="with --dry-run: table for people (default), json for machines",
+    )
     run.set_defaults(handler=_cmd_run)
 
     migrate = commands.add_parser(
@@ -349,9 +360,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.input and len(accounts) > 1:
         raise ConfigError("--input holds one account's listing: name it with --account NAME")
     body = _read_input(args.input) if args.input else None
+    if args.dry_run:
+        return _dry_run(args, settings, accounts, body)
     about = about_run(accounts[0].name) if len(accounts) == 1 else contextlib.nullcontext()
     with about:
         return _run_accounts(args, settings, accounts, body)
+
+
+def _dry_run(
+    args: argparse.Namespace, settings: Settings, accounts: list[Account], body: bytes | None
+) -> int:
+    """Print what a run would change, account by account; write nothing (not even the
+    schema: a database that is not at the newest migration is refused)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sync.db import SCHEMA_HEAD, current_revision, database_error
+    from sync.errors import MigrationRequired, SyncError
+    from sync.job import ResourcePreview, preview_account
+    from sync.output import write_previews
+
+    engine = _open_engine(settings, read_only=True)
+    previews: list[ResourcePreview] = []
+    try:
+        try:
+            current = current_revision(engine)
+        except SQLAlchemyError as exc:
+            raise database_error(exc, settings.database.url, "reading the schema") from exc
+        if current != SCHEMA_HEAD:
+            raise MigrationRequired(
+                f"the database is at migration {current or 'none (empty)'}, not {SCHEMA_HEAD}; "
+                "a dry run writes nothing, so it does not migrate: run `ideogram-sync migrate` "
+                "first"
+            )
+        for account in accounts:
+            with about_run(account.name):
+                try:
+                    previews += preview_account(
+                        settings,
+                        account,
+                        engine,
+                        body=body,
+                        allow_mass_delete=args.allow_mass_delete,
+                    )
+                except SyncError as exc:
+                    previews.append(ResourcePreview(account.name, "datasets", error=exc))
+    finally:
+        engine.dispose()
+    write_previews(previews, args.format, sys.stdout)
+    return worst_exit_code([p.error.exit_code if p.error else EXIT_OK for p in previews])
 
 
 def _run_accounts(

@@ -24,6 +24,7 @@ from sync.metrics import Metrics, serve
 from sync.models import datasets, models
 from sync.runs import last_successes
 from sync.schedule import Schedule
+from sync.status_page import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,19 @@ class Daemon:
                 return EXIT_OK  # stopped while waiting for the database
             self._load_gauges()
             if self.settings.metrics.port:
+                page = StatusPage(
+                    self.engine,
+                    self.settings,
+                    self.schedule.describe(),
+                    next_slot=self.next_slot,
+                    stopping=self.stopping.is_set,
+                )
                 server = serve(
                     self.settings.metrics.host,
                     self.settings.metrics.port,
                     self.metrics,
                     self.health,
+                    page,
                 )
             self._schedule_job()
             if not self.stopping.is_set():
@@ -206,10 +215,17 @@ class Daemon:
             self._log_next_run()
 
     def _log_next_run(self) -> None:
+        when = self.next_slot()
+        if when is not None:
+            text = when.isoformat().replace("+00:00", "Z")
+            log.info("next run at %s", text, extra={"event": "next_run", "next_run": text})
+
+    def next_slot(self) -> datetime | None:
+        """When the scheduler runs the job next (UTC); None before it starts or once stopping."""
         job = self.scheduler.get_job(JOB_ID) if self.scheduler.running else None
-        if job is not None and job.next_run_time is not None and not self.stopping.is_set():
-            when = job.next_run_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
-            log.info("next run at %s", when, extra={"event": "next_run", "next_run": when})
+        if job is None or job.next_run_time is None or self.stopping.is_set():
+            return None
+        return job.next_run_time.astimezone(UTC)
 
     def _on_skipped(self, event: JobExecutionEvent) -> None:
         log.warning("a scheduled run was skipped (the previous one was still running or late)")

@@ -237,7 +237,7 @@ class _Job:
         settings: Settings,
         account: Account,
         engine: Engine,
-        lease: Lease,
+        lease: Lease | None,
         api_key: str | None,
         stop: _Stop,
         clock: Callable[[], datetime],
@@ -306,6 +306,39 @@ class _Job:
                 self.account.name,
             )
 
+    def preview(self, name: str) -> ResourcePreview:
+        """What a run of resource `name` would do, without writing (see preview_account)."""
+        account = self.account.name
+        if name in DETAILS:
+            max_age = self.settings.sync.details_max_age_seconds
+            try:
+                with reading(self.engine).connect() as conn:
+                    due = details.due(conn, DETAILS[name], account, self.clock(), max_age)
+            except SQLAlchemyError as exc:
+                raise database_error(exc, self.url, f"reading the stored {name}") from exc
+            return ResourcePreview(account, name, due=len(due))
+        resource = LISTINGS[name]
+        with self._fetch_listing(resource) as fetched:
+            self.stop.check()
+            try:
+                # The stored state is read as of one moment, and nothing is locked.
+                with reading(self.engine).connect() as conn, conn.begin():
+                    previewed = store.preview(
+                        conn,
+                        resource,
+                        account,
+                        ListingStream(fetched.file, key=resource.listing_key),
+                        self.max_delete_fraction,
+                    )
+            except SQLAlchemyError as exc:
+                raise database_error(exc, self.url, f"reading the stored {name}") from exc
+        applied = store.Applied(previewed.counts, previewed.rejects, [], True)
+        try:
+            _report(resource.noun, applied, self.settings.sync.on_invalid_record)
+        except InvalidRecordsError as exc:
+            return ResourcePreview(account, name, previewed, error=exc)
+        return ResourcePreview(account, name, previewed, error=previewed.refused)
+
     def _fetch_listing(self, resource: Resource) -> client.Body:
         if self.body is not None:
             return client.Body.from_bytes(self.body)
@@ -327,6 +360,7 @@ class _Job:
             try:
                 with write_transaction(self.engine) as conn:
                     # Fencing: if our lease was taken over, this raises and rolls back.
+                    assert self.lease is not None  # only a dry run has none, and never writes
                     self.lease.check(conn)
                     same = runs.unchanged_since(conn, account, digest, resource.name)
                     if same is not None:
@@ -392,6 +426,7 @@ class _Job:
         self.stop.check()
         try:
             with write_transaction(self.engine) as conn:
+                assert self.lease is not None  # only a dry run has none, and never writes
                 self.lease.check(conn)
                 applied = details.apply(
                     conn, described, account, stored, fetched, run_id, now, self.stop.check
@@ -412,6 +447,55 @@ class _Job:
             return applied.counts
         except SQLAlchemyError as exc:
             raise database_error(exc, self.url, f"writing the {noun} details") from exc
+
+
+@dataclass
+class ResourcePreview:
+    """What a run of one account's resource would do (run --dry-run), or how it would fail."""
+
+    account: str
+    resource: str
+    # A listing's diff, or for details how many rows' details are due now.
+    preview: store.Preview | None = None
+    due: int | None = None
+    error: SyncError | None = None
+
+
+def preview_account(
+    settings: Settings,
+    account: Account,
+    engine: Engine,
+    *,
+    body: bytes | None = None,
+    allow_mass_delete: bool = False,
+    clock: Callable[[], datetime] = utc_now,
+) -> list[ResourcePreview]:
+    """What a run of the account would change, resource by resource: fetched (or `body`),
+    parsed and diffed as a run would, in read transactions only. It writes nothing, records
+    no run and takes no lock. Raises SyncError for what stops the whole account."""
+    api_key = account.api.key() if body is None else None
+    names = ("datasets",) if body is not None else settings.sync.resources
+    results: list[ResourcePreview] = []
+    with (
+        logs.about_run(account.name) as log_fields,
+        interrupt.scope(f"the dry run of account {account.name}") as statements,
+        interrupt.Deadline(settings.sync.deadline_seconds, statements) as deadline,
+    ):
+        stop = _Stop(None, deadline.expired, settings.sync.deadline_seconds)
+        job = _Job(settings, account, engine, None, api_key, stop, clock, log_fields)
+        job.body = body
+        if allow_mass_delete:
+            job.max_delete_fraction = None
+        for name in names:
+            try:
+                result = job.preview(name)
+            except BaseException as exc:
+                failure = stop.explain(exc)
+                if not isinstance(failure, SyncError):
+                    raise
+                result = ResourcePreview(account.name, name, error=failure)
+            results.append(result)
+    return results
 
 
 def _refused(name: str, path: str, exc: ApiError) -> ApiError:

@@ -138,15 +138,39 @@ class Metrics:
 
 
 HealthCheck = Callable[[], tuple[bool, str]]
+# The status page (sync/status_page.py): (HTTP status, HTML).
+StatusPage = Callable[[], tuple[int, str]]
+_HTML = "text/html; charset=utf-8"
+_PAGE_FAILED = (
+    "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    '<meta http-equiv="refresh" content="30"><title>ideogram-sync: status page failed</title>'
+    "</head><body><h1>ideogram-sync: status page failed</h1><p>The status page could not be "
+    "built ({error}); the daemon's log has the details. /metrics and /healthz still answer."
+    "</p></body></html>\n"
+)
 
 
-def serve(host: str, port: int, metrics: Metrics, health: HealthCheck) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz from a background thread; returns the server to shut down."""
+def serve(
+    host: str,
+    port: int,
+    metrics: Metrics,
+    health: HealthCheck,
+    page: StatusPage | None = None,
+) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and (with `page`) the status page at / from a background
+    thread; returns the server to shut down."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
-            if path == "/metrics":
+            if path == "/" and page is not None:
+                try:
+                    status, text = page()
+                except Exception as exc:  # a bug: said plainly, the traceback in the log only
+                    log.exception("the status page failed")
+                    status, text = 500, _PAGE_FAILED.format(error=type(exc).__name__)
+                self._send(status, text.encode(), _HTML)
+            elif path == "/metrics":
                 self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 try:
@@ -155,7 +179,8 @@ def serve(host: str, port: int, metrics: Metrics, health: HealthCheck) -> Thread
                     ok, reason = False, f"health check failed: {type(exc).__name__}"
                 self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain")
             else:
-                self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+                where = "/, /metrics or /healthz" if page is not None else "/metrics or /healthz"
+                self._send(404, f"not found: try {where}\n".encode(), "text/plain")
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -173,5 +198,10 @@ def serve(host: str, port: int, metrics: Metrics, health: HealthCheck) -> Thread
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True, name="metrics"
     )
     thread.start()
-    log.info("serving /metrics and /healthz on http://%s:%d", host, server.server_address[1])
+    log.info(
+        "serving %s/metrics and /healthz on http://%s:%d",
+        "the status page at /, " if page is not None else "",
+        host,
+        server.server_address[1],
+    )
     return server

@@ -8,9 +8,12 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sync.runs import RunRow
+
+if TYPE_CHECKING:
+    from sync.job import ResourcePreview
 
 FORMATS = ("table", "csv", "json")
 _RUN_HEADERS = (
@@ -97,6 +100,70 @@ def write_rows(
         count += 1
     _write_table(tuple(c.upper() for c in table_columns), table, out)
     return count
+
+
+# What a dry run reports, in this order: (its key in JSON and among a preview's keys, label).
+_PREVIEW_KINDS = (
+    ("insert", "insert"),
+    ("update", "update"),
+    ("restore", "restore"),
+    ("delete", "soft-delete"),
+    ("reject", "reject"),
+)
+
+
+def preview_as_dict(item: ResourcePreview) -> dict[str, Any]:
+    """A dry run's finding for one account and resource, JSON-ready."""
+    found: dict[str, Any] = {
+        "account": item.account,
+        "resource": item.resource,
+        "would_succeed": item.error is None,
+        "exit_code": item.error.exit_code if item.error else 0,
+        "error": str(item.error) if item.error else None,
+    }
+    if item.due is not None:
+        found["details_due"] = item.due
+    if item.preview is not None:
+        counts = item.preview.counts
+        found["counts"] = {
+            "seen": counts.seen,
+            "insert": counts.inserted,
+            "update": counts.updated,
+            "restore": item.preview.restored,
+            "soft_delete": counts.deleted,
+            "reject": counts.rejected,
+            "unchanged": counts.unchanged,
+        }
+        found["first_ids"] = {
+            label.replace("-", "_"): item.preview.keys.get(kind, [])
+            for kind, label in _PREVIEW_KINDS
+        }
+    return found
+
+
+def write_previews(items: Sequence[ResourcePreview], fmt: str, out: TextIO) -> None:
+    """What a dry run found: a few lines per account and resource, or a JSON array."""
+    if fmt == "json":
+        json.dump([preview_as_dict(item) for item in items], out, indent=2, ensure_ascii=False)
+        out.write("\n")
+        return
+    for item in items:
+        head = f"account {item.account}, {item.resource}:"
+        if item.preview is not None:
+            found = preview_as_dict(item)["counts"]
+            out.write(
+                f"{head} would insert {found['insert']}, update {found['update']}, restore "
+                f"{found['restore']}, soft-delete {found['soft_delete']}, reject "
+                f"{found['reject']} ({found['unchanged']} unchanged, {found['seen']} listed)\n"
+            )
+            for kind, label in _PREVIEW_KINDS:
+                keys = item.preview.keys.get(kind)
+                if keys:
+                    out.write(f"  {label}: {', '.join(keys)}\n")
+        elif item.due is not None:
+            out.write(f"{head} would ask for the details of {item.due} row(s) due now\n")
+        if item.error is not None:
+            out.write(f"  a run would fail (exit {item.error.exit_code}): {item.error}\n")
 
 
 class Progress:

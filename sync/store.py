@@ -12,11 +12,15 @@ One pipeline, the same on every backend, all in the caller's transaction (it nev
 
 What is stored where is described by a `Resource` (sync/resource.py); `records.DATASETS`
 is the one for `datasets`.
+
+`preview` is the same diff for a dry run: step 2 and the mass-delete guard, on a read
+transaction, with the changes kept in memory (`_Preview`) instead of a stage table.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,6 +83,18 @@ class Applied:
     complete: bool
 
 
+@dataclass
+class Preview:
+    """What apply would do: the counts, the first keys of each kind of change, and the
+    mass-delete guard's refusal (None: it would let the run through)."""
+
+    counts: Counts
+    restored: int
+    keys: dict[str, list[str]]
+    rejects: list[Reject]
+    refused: MassDeleteRefused | None
+
+
 def apply(
     conn: Connection,
     resource: Resource,
@@ -121,6 +137,71 @@ def apply(
     return Applied(counts, diff.rejects, diff.duplicates, diff.complete)
 
 
+def preview(
+    conn: Connection,
+    resource: Resource,
+    account: str,
+    records: ListingStream,
+    max_delete_fraction: float | None = None,
+    examples: int = 20,
+) -> Preview:
+    """What apply would do with the listing (up to `examples` keys of each kind); it only
+    reads, so a read transaction will do, and it takes no lock."""
+    changes = _Preview()
+    diff = _Diff(conn, resource, account, changes, _no_checkpoint, dry_run=True)
+    for record in records:
+        diff.add(records.seen - 1, record, records.text())
+    diff.flush()
+    gone = diff.gone()
+    staged = changes.counts()
+    counts = Counts(
+        seen=records.seen,
+        inserted=staged.get(CHANGE_INSERT, 0),
+        updated=staged.get(CHANGE_UPDATE, 0),
+        unchanged=diff.unchanged(),
+        deleted=len(gone),
+        rejected=diff.reject_count,
+    )
+    keys = {kind: changes.first(kind, examples) for kind in _KINDS}
+    keys[CHANGE_DELETE] = gone[:examples]
+    keys["reject"] = [r.dataset_id or f"record #{r.index}" for r in diff.rejects][:examples]
+    try:
+        _guard_mass_delete(resource, account, len(gone), diff.active, max_delete_fraction)
+        refused = None
+    except MassDeleteRefused as exc:
+        refused = exc
+    restored = staged.get(CHANGE_RESTORE, 0)
+    return Preview(counts, restored, keys, diff.rejects, refused)
+
+
+_KINDS = (CHANGE_INSERT, CHANGE_UPDATE, CHANGE_RESTORE)
+
+
+class _Preview:
+    """A dry run's stage: the change each key would have, in memory; nothing is written."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, str] = {}
+
+    def add(self, batch: dict[str, _Change]) -> None:
+        """Note the batch's changes (a later occurrence of a key replaces its earlier one)."""
+        for key, change in batch.items():
+            self.changes[key] = change.change
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Forget changes that a later occurrence of their key decides instead."""
+        for key in keys:
+            self.changes.pop(key, None)
+
+    def counts(self) -> dict[str, int]:
+        """How many keys each kind of change has."""
+        return dict(Counter(self.changes.values()))
+
+    def first(self, kind: str, limit: int) -> list[str]:
+        """The first `limit` keys (in listing order) with this kind of change."""
+        return [key for key, change in self.changes.items() if change == kind][:limit]
+
+
 class _Change(NamedTuple):
     """A row to stage: what it is, its hash, the kind of change, and whose row it is."""
 
@@ -138,10 +219,12 @@ class _Diff:
         conn: Connection,
         resource: Resource,
         account: str,
-        stage: _Stage,
+        stage: _Stage | _Preview,
         step: Callable[[], None],
+        dry_run: bool = False,
     ) -> None:
         self.conn = conn
+        self.dry_run = dry_run
         self.resource = resource
         self.account = account
         self.stage = stage
@@ -258,7 +341,7 @@ class _Diff:
                     del batch[key]
                     self.state[key] = _SAME
                     refreshed.append({"b_key": key, "b_digest": change.digest})
-            if refreshed:
+            if refreshed and not self.dry_run:
                 self.conn.execute(
                     update(table)
                     .where(key_column == bindparam("b_key"))
