@@ -434,6 +434,9 @@ def _run_accounts(
             prefetched=prefetched,
             progress=_progress(args),
         )
+        from sync import notify
+
+        notify.after_runs(settings, engine, outcomes)
     finally:
         engine.dispose()
     return worst_exit_code([o.error.exit_code if o.error else EXIT_OK for o in outcomes])

@@ -133,6 +133,43 @@ class MetricsSettings:
     host: str = "0.0.0.0"  # noqa: S104
 
 
+NOTICE_EVENTS = ("failure", "recovery", "stale")
+NOTICE_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """Where failure, recovery and stale notices go (a webhook), and which ones."""
+
+    # The webhook's address: here, in the variable named by webhook_url_env, or in a file.
+    # Such an address usually holds a token: it is masked like the API key.
+    webhook_url: str | None = field(default=None, repr=False)
+    webhook_url_env: str = "IDEOGRAM_SYNC_WEBHOOK_URL"
+    webhook_url_file: Path | None = None
+    format: str = "json"
+    on: tuple[str, ...] = NOTICE_EVENTS
+    # The daemon's stale notice: an account's resource without a success for this long.
+    stale_after_seconds: float | None = None
+    timeout_seconds: float = 5.0
+    max_retries: int = 2
+
+    def url(self) -> str | None:
+        """The webhook's address, or None when notices are off."""
+        if self.webhook_url:
+            return self.webhook_url
+        if self.webhook_url_file is None:
+            return None
+        try:
+            value = self.webhook_url_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the webhook file {self.webhook_url_file}: {exc.strerror}; "
+                "fix [notify] webhook_url_file or its permissions"
+            ) from None
+        redact.register(value)
+        return value or None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to know, resolved once."""
@@ -143,6 +180,7 @@ class Settings:
     accounts: tuple[Account, ...] = (Account(),)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     source: Path | None = None
 
     def account(self, name: str) -> Account:
@@ -194,6 +232,16 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "shutdown_grace_seconds": "duration",
     },
     "metrics": {"port": "int", "host": "str"},
+    "notify": {
+        "webhook_url": "str",
+        "webhook_url_env": "str",
+        "webhook_url_file": "str",
+        "format": "str",
+        "on": "list",
+        "stale_after": "duration",
+        "timeout_seconds": "duration",
+        "max_retries": "int",
+    },
 }
 _ACCOUNT_KEYS = {"name": "str", "api_key_env": "str", "api_key_file": "str", "base_url": "str"}
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -364,6 +412,7 @@ def _check_values(s: Settings, origin: str) -> None:
     if not 1 <= s.sync.details_concurrency <= 64:
         raise ConfigError(f"{origin}: sync.details_concurrency must be between 1 and 64")
     _check_schedule(s.schedule, origin)
+    _check_notify(s.notify, origin)
     if s.metrics.port is not None and not 0 < s.metrics.port < 65536:
         raise ConfigError(f"{origin}: metrics.port must be between 1 and 65535")
     if s.database.schema is not None and not _IDENTIFIER.fullmatch(s.database.schema):
@@ -371,6 +420,27 @@ def _check_values(s: Settings, origin: str) -> None:
             f"{origin}: database.schema must be a plain lowercase identifier (a-z, 0-9, _; "
             f"at most 63), not {s.database.schema!r}"
         )
+
+
+def _check_notify(notify: NotifySettings, origin: str) -> None:
+    if notify.webhook_url and notify.webhook_url_file:
+        raise ConfigError(f"{origin}: set notify.webhook_url or notify.webhook_url_file, not both")
+    if notify.webhook_url and not notify.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{origin}: notify.webhook_url must start with http:// or https://")
+    if notify.format not in NOTICE_FORMATS:
+        raise ConfigError(
+            f'{origin}: notify.format must be "json" or "slack", not {notify.format!r}'
+        )
+    unknown = [event for event in notify.on if event not in NOTICE_EVENTS]
+    if unknown:
+        raise ConfigError(
+            f"{origin}: notify.on: unknown {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(NOTICE_EVENTS)})"
+        )
+    if notify.timeout_seconds <= 0 or notify.timeout_seconds > 60:
+        raise ConfigError(f"{origin}: notify.timeout_seconds must be more than 0 and at most 60")
+    if not 0 <= notify.max_retries <= 5:
+        raise ConfigError(f"{origin}: notify.max_retries must be between 0 and 5")
 
 
 def _check_schedule(schedule: ScheduleSettings, origin: str) -> None:
@@ -419,6 +489,7 @@ def load_settings(
     sync_opts = dict(data.get("sync", {}))
     schedule = dict(data.get("schedule", {}))
     metrics = dict(data.get("metrics", {}))
+    notify = dict(data.get("notify", {}))
     if "api_key" in api and "api_key_file" in api:
         raise ConfigError(f"{origin}: set api.api_key or api.api_key_file, not both")
     if "api_key" in api and path is not None:
@@ -470,6 +541,17 @@ def load_settings(
         if name in schedule:
             schedule[name] = parse_duration(schedule[name])
 
+    url_env = notify.get("webhook_url_env", NotifySettings.webhook_url_env)
+    if env.get(url_env):
+        notify["webhook_url"] = env[url_env]
+    if notify.get("webhook_url_file"):
+        notify["webhook_url_file"] = Path(notify["webhook_url_file"]).expanduser()
+    if "stale_after" in notify:
+        notify["stale_after_seconds"] = parse_duration(notify.pop("stale_after"))
+    if "timeout_seconds" in notify:
+        notify["timeout_seconds"] = parse_duration(notify["timeout_seconds"])
+    if "on" in notify:
+        notify["on"] = tuple(notify["on"])
     base_api = ApiSettings(**api)
     settings = Settings(
         database=DatabaseSettings(**db),
@@ -478,11 +560,13 @@ def load_settings(
         accounts=_accounts(data.get("accounts"), base_api, env),
         schedule=ScheduleSettings(**schedule),
         metrics=MetricsSettings(**metrics),
+        notify=NotifySettings(**notify),
         source=path,
     )
     _check_values(settings, origin)
     for account in settings.accounts:
         redact.register(account.api.api_key)
+    redact.register(settings.notify.webhook_url)
     password = _url_password(settings.database.url)
     if password:
         # The URL may carry the password percent-encoded; mask both spellings.

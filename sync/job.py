@@ -282,17 +282,17 @@ class _Job:
             failure = self.stop.explain(exc)
             _record_failure(self.engine, self.url, run_id, failure, progress.applied, self.clock)
             if isinstance(failure, SyncError):
-                return _failed(account, name, failure)
+                return _failed(account, name, failure, run_id)
             if isinstance(failure, Exception):  # a bug must not take the other resources down
-                return _failed(
-                    account, name, SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
-                )
+                error = SyncError(f"unexpected error: {type(exc).__name__}: {exc}")
+                return _failed(account, name, error, run_id)
             if failure is exc:
                 raise
             raise failure from exc
         duration = time.monotonic() - started
         _log_success(run_id, account, name, counts, duration)
-        return Outcome(account, name, result=RunResult(run_id, account, counts, duration, name))
+        result = RunResult(run_id, account, counts, duration, name)
+        return Outcome(account, name, result=result, run_id=run_id)
 
     def _abandon_orphans(self, run_id: int) -> None:
         try:
@@ -515,7 +515,7 @@ def _about(name: str) -> str:
     return "" if name == "datasets" else f" ({name})"
 
 
-def _failed(account: str, name: str, error: SyncError) -> Outcome:
+def _failed(account: str, name: str, error: SyncError, run_id: int | None = None) -> Outcome:
     # Another run holding the lock is routine (cron overlap, replicas), not an error.
     log.log(
         logging.WARNING if isinstance(error, LockHeld) else logging.ERROR,
@@ -526,7 +526,7 @@ def _failed(account: str, name: str, error: SyncError) -> Outcome:
         extra={"account": account, "resource": name, "error": str(error), "event": "run_failed"},
     )
     log.debug("traceback of the failure of account %s", account, exc_info=True)
-    return Outcome(account, name, error=error)
+    return Outcome(account, name, error=error, run_id=run_id)
 
 
 def _log_success(run_id: int, account: str, name: str, counts: Counts, duration: float) -> None:
@@ -563,6 +563,7 @@ class Outcome:
     resource: str = "datasets"
     result: RunResult | None = None
     error: SyncError | None = None
+    run_id: int | None = None  # the run's row, if it got one
 
 
 def sync_accounts(

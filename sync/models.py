@@ -271,6 +271,20 @@ model_training_runs = Table(
     Index(None, "model_id"),
 )
 
+# One row per notice sent to the [notify] webhook (sync/notify.py): its key is claimed
+# before sending, so that daemon replicas send each notice once.
+sync_notices = Table(
+    "sync_notices",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("event", String(16), nullable=False),
+    Column("account", String(255), nullable=False),
+    Column("resource", String(32), nullable=False),
+    Column("run_id", Integer),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("delivered", Boolean, nullable=False),
+)
+
 CHANGE_INSERT = "insert"
 CHANGE_UPDATE = "update"
 CHANGE_DELETE = "delete"
