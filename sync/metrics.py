@@ -142,7 +142,7 @@ HealthCheck = Callable[[], tuple[bool, str]]
 StatusPage = Callable[[], tuple[int, str]]
 _HTML = "text/html; charset=utf-8"
 _PAGE_FAILED = (
-    "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
     '<meta http-equiv="refresh" content="30"><title>ideogram-sync: status page failed</title>'
     "</head><body><h1>ideogram-sync: status page failed</h1><p>The status page could not be "
     "built ({error}); the daemon's log has the details. /metrics and /healthz still answer."

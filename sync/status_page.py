@@ -29,8 +29,9 @@ RECENT_RUNS = 20
 # is in the cell's tooltip.
 ERROR_CLIP = 300
 
-# Overall states, worst first; the page's title and heading carry the worst that applies.
-OK, WAITING, FAILING, STALE, UNREACHABLE = "OK", "WAITING", "FAILING", "STALE", "DATABASE UNREACHABLE"
+# Overall states; the page's title and heading carry the worst that applies (overall()).
+OK, WAITING, FAILING, STALE = "OK", "WAITING", "FAILING", "STALE"
+UNREACHABLE = "DATABASE UNREACHABLE"
 _STATE_CLASS = {OK: "good", WAITING: "info", FAILING: "bad", STALE: "bad", UNREACHABLE: "bad"}
 # CSS classes by run status: a value from the database never becomes an attribute as such.
 _STATUS_CLASS = {
@@ -291,12 +292,12 @@ def _account(account: AccountStatus, snapshot: Snapshot) -> str:
     for run in account.recent:
         out.append(
             f'<tr data-run="{run.id}"><td>{run.id}</td><td>{_e(run.resource)}</td>'
-            f"{_status_cell(run.status)}<td>{_e(_when(run.started_at))}</td>"
+            f'{_status_cell(run.status)}<td class="t">{_e(_when(run.started_at))}</td>'
             f"<td>{_e(_duration(run, snapshot.now))}</td>{_counts(run)}{_error_cell(run.error)}"
             "</tr>\n"
         )
     if not account.recent:
-        out.append('<tr><td colspan="13" class="none">No runs yet.</td></tr>\n')
+        out.append('<tr><td colspan="12" class="none">No runs yet.</td></tr>\n')
     out.append("</tbody>\n</table>\n</section>\n")
     return "".join(out)
 
@@ -318,12 +319,13 @@ def _resource_row(row: ResourceStatus, snapshot: Snapshot) -> str:
         return (
             f'{start}<td class="none">no run yet</td><td></td><td></td>'
             + "<td></td>" * 6
-            + f"<td>{_e(success)}</td>{fresh_cell}<td></td></tr>\n"
+            + f'<td class="t">{_e(success)}</td>{fresh_cell}<td></td></tr>\n'
         )
     run = row.last
     return (
-        f"{start}{_status_cell(run.status)}<td>{_e(_when(run.started_at))}</td>"
-        f"<td>{_e(_duration(run, snapshot.now))}</td>{_counts(run)}<td>{_e(success)}</td>"
+        f'{start}{_status_cell(run.status)}<td class="t">{_e(_when(run.started_at))}</td>'
+        f"<td>{_e(_duration(run, snapshot.now))}</td>{_counts(run)}"
+        f'<td class="t">{_e(success)}</td>'
         f"{fresh_cell}{_error_cell(run.error)}</tr>\n"
     )
 
@@ -412,6 +414,7 @@ td.good { color: #1a7f37; font-weight: 600; } td.bad { color: #cf222e; font-weig
 td.warn { color: #9a6700; font-weight: 600; } td.info { color: #0969da; font-weight: 600; }
 td.error { max-width: 40em; overflow-wrap: anywhere; color: #cf222e; }
 td.none { color: #57606a; font-style: italic; }
+td.t { white-space: nowrap; }
 p.error { color: #cf222e; }
 footer { margin-top: 2em; color: #57606a; font-size: .9em; }
 """
