@@ -15,7 +15,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync import interrupt
+from sync import interrupt, notify
 from sync.config import Settings
 from sync.db import open_engine, reading
 from sync.errors import EXIT_FAILED, EXIT_OK, Cancelled, SyncError
@@ -205,6 +205,9 @@ class Daemon:
                 self.metrics.record(outcome)
             if not self.stopping.is_set():  # shutting down: no more waiting on the database
                 self._load_gauges()
+                # Bounded ([notify] timeout_seconds and max_retries), and never raises.
+                notify.after_runs(self.settings, self.engine, outcomes)
+                notify.check_stale(self.settings, self.engine)
         except Cancelled:
             log.warning("the running sync was aborted for shutdown (rolled back, recorded failed)")
         except Exception:

@@ -198,3 +198,31 @@ def test_notify_settings_are_checked(cli: Any, sqlite_url: str, tmp_path: Path) 
     bad = config(tmp_path, on=["failure", "success"])
     result = cli("--config", bad, "--database-url", sqlite_url, "run")
     assert result.code == 2 and "notify.on: unknown 'success'" in result.err
+
+
+def test_daemon_replicas_send_each_notice_once(
+    fake_api: FakeApi, sqlite_url: str, webhook: Webhook, tmp_path: Path
+) -> None:
+    """Two daemons share a database and a failing API: one notice per failed run, one
+    recovery, one stale notice, whichever replica ran or saw it."""
+    from tests.test_daemon import daemon, stop, until
+
+    fake_api.datasets = [dataset("a")]
+    conf = '[schedule]\ninterval = "2s"\n\n[api]\nmax_retries = 0\n\n[notify]\nstale_after = "3s"\n'
+    hook = {"IDEOGRAM_SYNC_WEBHOOK_URL": webhook.url}
+    first = daemon(fake_api, sqlite_url, tmp_path, conf, name="one", env=hook)
+    until(lambda: rows(sqlite_url, "sync_runs"), proc=first)
+    fake_api.refused["/datasets"] = 500  # every run fails from now on
+    second = daemon(fake_api, sqlite_url, tmp_path, conf, name="two", env=hook)
+    try:
+        until(lambda: any(b["event"] == "stale" for b in webhook.bodies), proc=second)
+        del fake_api.refused["/datasets"]
+        until(lambda: any(b["event"] == "recovery" for b in webhook.bodies), proc=first)
+    finally:
+        for proc in (first, second):
+            stop(proc)
+    failed = [r["id"] for r in rows(sqlite_url, "sync_runs", "id") if r["status"] == "failed"]
+    failures = [b["run_id"] for b in webhook.bodies if b["event"] == "failure"]
+    assert sorted(failures) == failed  # each failed run once, by whichever replica ran it
+    assert [b["event"] for b in webhook.bodies].count("stale") == 1
+    assert [b["event"] for b in webhook.bodies].count("recovery") == 1
