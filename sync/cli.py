@@ -508,6 +508,18 @@ def _require_tables(engine: Engine) -> None:
             "tables; run `ideogram-sync run` first, or point --database-url at the database "
             "the sync writes"
         )
+    from sync.db import SCHEMA_HEAD, current_revision, known_revisions
+    from sync.errors import MigrationRequired
+
+    current = current_revision(engine)
+    # Older than this version's tables: the columns read here may not be there yet. (A
+    # newer one is read as it is: reading commands only need what they know.)
+    if current != SCHEMA_HEAD and current in known_revisions():
+        raise MigrationRequired(
+            f"the database is at migration {current}, older than this version's "
+            f"{SCHEMA_HEAD}; run `ideogram-sync migrate` (or the next `ideogram-sync run` "
+            "does it), then try again"
+        )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from sync.db import (
 )
 from sync.errors import (
     ApiError,
+    AuthError,
     Cancelled,
     DeadlineExceeded,
     InvalidRecordsError,
@@ -154,12 +155,26 @@ def sync_account(
                     )
                     failed.add(name)
                     continue
-                if stop.is_set():
-                    break  # stopped or past the deadline: the rest would fail at once
+                if stop.is_set():  # stopped or past the deadline: the rest would fail at once
+                    log.warning(
+                        "%s and the resources after it of account %s are not synced: the run "
+                        "was stopped or passed sync.deadline_seconds",
+                        name,
+                        account.name,
+                    )
+                    break
                 outcome = job.run(name, slot)
                 outcomes.append(outcome)
                 if outcome.error is not None:
                     failed.add(name)
+                if isinstance(outcome.error, AuthError):
+                    # The key itself was refused: every other endpoint would refuse it too.
+                    log.warning(
+                        "the other resources of account %s are not synced: the API rejected "
+                        "its key",
+                        account.name,
+                    )
+                    break
             return outcomes
         finally:
             lease.release()

@@ -274,6 +274,7 @@ MODELS = Resource(
     columns=ModelRow._fields[1:],
     parse=parse_model,
     key_of=model_key,
+    owned_column="is_owned",
 )
 
 DATASET_DETAILS = Details(

@@ -38,6 +38,10 @@ class Resource:
     parse: Callable[[Any], Any]
     # A record's key if it could key a row (even when the record is invalid), else None.
     key_of: Callable[[Any], str | None]
+    # A boolean content column that says whether the listing's account owns the item
+    # (models: is_owned). An item two accounts list belongs to the one that owns it; None:
+    # to the one that listed it first.
+    owned_column: str | None = None
 
 
 @dataclass(frozen=True)

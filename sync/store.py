@@ -303,23 +303,40 @@ class _Diff:
 
     def _settle_shared(self, batch: dict[str, _Change]) -> None:
         """Decide keys new to this account against other accounts' rows (only their own
-        rows were loaded): a row another account has stays with it; this run refreshes it."""
+        rows were loaded): a row another account has stays with it; this run refreshes it.
+
+        With an `owned_column` (models), ownership decides instead: the account that owns
+        the item takes the row over, and one that only sees it shared leaves the owner's
+        row alone (its `is_owned` would flip with every run of either account).
+        """
         new = [key for key, change in batch.items() if change.change == CHANGE_INSERT]
         table = self.resource.table
         key_column = table.c[self.resource.key]
+        owned = self.resource.owned_column
+        stored_owned = table.c[owned] if owned else literal(False)
         for match in _matching(self.conn, key_column, new):
             found = self.conn.execute(
-                select(key_column, table.c.account, table.c.content_hash, _is_deleted(table)).where(
-                    match, table.c.account != self.account
-                )
+                select(
+                    key_column,
+                    table.c.account,
+                    table.c.content_hash,
+                    _is_deleted(table),
+                    stored_owned,
+                ).where(match, table.c.account != self.account)
             )
-            for key, owner, digest, deleted in found:
+            for key, owner, digest, deleted, theirs in found:
                 change = batch[key]
+                ours = bool(getattr(change.row, owned)) if owned else False
                 if deleted:
                     batch[key] = change._replace(change=CHANGE_RESTORE)
+                elif theirs and not ours:
+                    del batch[key]  # the owner's row: this account only sees it shared
+                    self.state[key] = _SAME
                 elif digest == change.digest:
                     del batch[key]
                     self.state[key] = _SAME
+                elif ours and not theirs:
+                    batch[key] = change._replace(change=CHANGE_UPDATE)  # taken over: ours now
                 else:
                     batch[key] = change._replace(change=CHANGE_UPDATE, owner=owner)
 

@@ -54,6 +54,8 @@ class FakeApi:
         # Listings per API key (several accounts); keys not in it get `datasets`.
         self.by_key: dict[str, list[Any]] = {}
         self.models: list[Any] = []
+        # Model listings per API key; keys not in it get `models`.
+        self.models_by_key: dict[str, list[Any]] = {}
         # A dataset's files (GET /datasets/{id}), and a model's training runs (GET /models/{id}).
         self.files: dict[str, list[Any]] = {}
         self.training_runs: dict[str, list[Any]] = {}
@@ -133,10 +135,11 @@ class FakeApi:
 
     def _answer(self, path: str, key: str | None) -> Reply:
         listing = self.by_key.get(key or "", self.datasets)
+        models = self.models_by_key.get(key or "", self.models)
         if path == "/datasets":
             return Reply(200, {"datasets": listing})
         if path == "/models":
-            return Reply(200, {"models": self.models})
+            return Reply(200, {"models": models})
         kind, _, item = path.strip("/").partition("/")
         item = unquote(item)
         if kind == "datasets":
@@ -144,20 +147,18 @@ class FakeApi:
             if not found:
                 return Reply(404, {"detail": "Dataset not found"})
             files = self.files.get(item, [])
-            models = [
-                m["model_id"]
-                for m in self.models
-                if isinstance(m, dict) and m.get("dataset_id") == item
+            trained = [
+                m["model_id"] for m in models if isinstance(m, dict) and m.get("dataset_id") == item
             ]
             body = {
                 "dataset": found[-1],
                 "file_count": len(files),
                 "files": files,
-                "custom_model_ids": models,
+                "custom_model_ids": trained,
             }
             return Reply(200, body, delay=self.detail_delay)
         if kind == "models":
-            found = [m for m in self.models if isinstance(m, dict) and m.get("model_id") == item]
+            found = [m for m in models if isinstance(m, dict) and m.get("model_id") == item]
             if not found:
                 return Reply(404, {"detail": "Model not found"})
             model = {**found[-1], "training_runs": self.training_runs.get(item, [])}

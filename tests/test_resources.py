@@ -589,3 +589,64 @@ def test_status_leaves_out_a_resource_turned_off(
     off = {"IDEOGRAM_SYNC_RESOURCES": "datasets,dataset_details"}
     assert cli("--database-url", sqlite_url, "status", env=off).code == 0
     assert cli("--database-url", sqlite_url, "status", "--max-age", "1h", env=off).code == 0
+
+
+@pytest.mark.parametrize("first", ["owner", "viewer"])
+def test_a_model_owned_by_one_account_and_shared_with_another(
+    cli: Any, fake_api: FakeApi, db_url: str, tmp_path: Path, first: str
+) -> None:
+    """The owner's account has the row (is_owned true), whichever account synced first;
+    the viewer's runs leave it alone, and the owner gets its training runs."""
+    config = tmp_path / "two.toml"
+    config.write_text(
+        '[[accounts]]\nname = "owner"\napi_key_env = "KEY_OWNER"\n\n'
+        '[[accounts]]\nname = "viewer"\napi_key_env = "KEY_VIEWER"\n'
+    )
+    keys = {"KEY_OWNER": "sk-owner-1", "KEY_VIEWER": "sk-viewer-2"}
+    fake_api.datasets = [dataset("a")]
+    fake_api.models_by_key = {
+        "sk-owner-1": [model("m1", dataset_id="a")],
+        "sk-viewer-2": [model("m1", dataset_id="a", owned=False)],
+    }
+    fake_api.training_runs = {"m1": [training_run("t1")]}
+    env = {**ALL_RESOURCES, **keys}
+    order = ["owner", "viewer"] if first == "owner" else ["viewer", "owner"]
+    for _ in range(2):
+        for account in order:
+            result = cli(
+                "--config",
+                str(config),
+                "--database-url",
+                db_url,
+                "run",
+                "--account",
+                account,
+                env=env,
+            )
+            assert result.code == 0, result.err
+    m1 = by_key(db_url, "models", "model_id")["m1"]
+    assert (m1["account"], m1["is_owned"], m1["deleted_at"]) == ("owner", True, None)
+    assert set(by_key(db_url, "model_training_runs", "training_run_id")) == {"t1"}
+    history = [
+        (h["account"], h["is_owned"], h["change_type"]) for h in rows(db_url, "model_history", "id")
+    ]
+    if first == "owner":
+        assert history == [("owner", True, "insert")]  # no flip-flop
+    else:
+        assert history[-1] == ("owner", True, "update") and len(history) == 2  # taken over once
+    fake_api.requests.clear()
+    for account in order:
+        assert (
+            cli(
+                "--config",
+                str(config),
+                "--database-url",
+                db_url,
+                "run",
+                "--account",
+                account,
+                env=env,
+            ).code
+            == 0
+        )
+    assert sorted(fake_api.paths()) == ["/datasets", "/datasets", "/models", "/models"]
