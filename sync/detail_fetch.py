@@ -6,6 +6,11 @@ which would sleep in the one thread that got it: it sets a pause, `Throttle`, th
 worker waits out before its next request, then the request is tried again. The caller's
 `stop` (the run's cancel and deadline) is checked while waiting; the workers are daemonic,
 so one stuck on a socket never keeps the process alive.
+
+An answer that is not a usable 200 for one item (a 403 or 500 after the retries, a body that
+is not JSON or too large) is that item's `Failed`, not the run's: the other items go on. A
+401 (the key), or no answer at all (the server unreachable, a timeout), ends the fetch.
+With `until`, no request starts after that moment: what was fetched by then is returned.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +29,7 @@ import requests
 
 from sync import client
 from sync.config import ApiSettings
-from sync.errors import Cancelled
+from sync.errors import ApiError, AuthError, Cancelled, ResponseError
 
 # A Retry-After longer than this is read as this: the run's deadline bounds the wait anyway.
 MAX_PAUSE_SECONDS = 300.0
@@ -31,6 +37,17 @@ MAX_PAUSE_SECONDS = 300.0
 _POLL_SECONDS = 0.1
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One item's answer that could not be used, with why (and its HTTP status)."""
+
+    reason: str
+    status: int | None = None
+
+
+Fetched = bytes | Failed | None  # the body; why not; or None: 404, the item is gone
 
 
 class Throttle:
@@ -65,24 +82,28 @@ def fetch_each(
     concurrency: int,
     stop: client.CancelFlag,
     progress: Progress | None = None,
-) -> list[tuple[str, bytes | None]]:
-    """GET `path` (with {} for the key) for each key: (key, body, or None for a 404).
+    until: float | None = None,
+) -> list[tuple[str, Fetched]]:
+    """GET `path` (with {} for the key) for each key: (key, body, Failed, or None for a 404).
 
-    Raises the first failure (ApiError, AuthError, ResponseError) after stopping the other
-    workers, and Cancelled when `stop` is set.
+    Raises what ends the whole fetch (AuthError, an ApiError without an answer) after
+    stopping the other workers, and Cancelled when `stop` is set. With `until` (a
+    time.monotonic() value) the keys not asked for by then are left out of the result.
     """
     if not keys:
         return []
     todo: queue.SimpleQueue[str] = queue.SimpleQueue()
     for key in keys:
         todo.put(key)
-    done: queue.SimpleQueue[tuple[str, bytes | None] | BaseException] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple[str, Fetched] | BaseException] = queue.SimpleQueue()
     halt = threading.Event()
     throttle = Throttle()
 
     def work() -> None:
         with client.make_session(api, api_key, retry_429=False) as session:
             while not halt.is_set():
+                if until is not None and time.monotonic() > until:
+                    return
                 try:
                     key = todo.get_nowait()
                 except queue.Empty:
@@ -105,7 +126,7 @@ def fetch_each(
     ]
     for worker in workers:
         worker.start()
-    results: list[tuple[str, bytes | None]] = []
+    results: list[tuple[str, Fetched]] = []
     try:
         while len(results) < len(keys):
             if stop.is_set():
@@ -114,7 +135,7 @@ def fetch_each(
                 item = done.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 if not any(worker.is_alive() for worker in workers) and done.empty():
-                    raise RuntimeError("the detail workers stopped without an answer") from None
+                    break  # past `until`: the workers took no more keys
                 continue
             if isinstance(item, BaseException):
                 raise item
@@ -132,7 +153,7 @@ def _get(
     url: str,
     throttle: Throttle,
     halt: threading.Event,
-) -> bytes | None:
+) -> Fetched:
     """One detail's body; None for a 404. A 429 pauses every worker, then is tried again."""
     limited = 0
     while True:
@@ -146,11 +167,22 @@ def _get(
                 continue
             if response.status_code == 404:
                 return None
-            client.check_status(response, url, client.attempts(api))
-            client.check_json(response, url)
-            with client.read_body(response, api.max_response_bytes, url) as body:
-                data: bytes = body.file.read()
-                return data
+            try:
+                client.check_status(response, url, client.attempts(api))
+                client.check_json(response, url)
+                with client.read_body(response, api.max_response_bytes, url) as body:
+                    data: bytes = body.file.read()
+                    return data
+            except AuthError as exc:
+                if exc.status == 401:
+                    raise  # the key: every other request would be refused too
+                return Failed(str(exc), exc.status)
+            except ResponseError as exc:
+                return Failed(str(exc), 200)
+            except ApiError as exc:
+                if exc.status is None:
+                    raise  # no answer at all: the server or the network, not this item
+                return Failed(str(exc), exc.status)
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, bindparam, delete, insert, or_, select, true, update
 
+from sync.detail_fetch import Failed, Fetched
 from sync.models import Counts
 from sync.records import InvalidRecord, Reject, record_hash
 from sync.resource import DetailRows, Details
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_KEPT_REJECTS = 20
 # Keys per statement that reads or deletes by key.
 BATCH_SIZE = 500
+# Parsed child rows held before they are written.
+MAX_PENDING_CHILDREN = 20_000
 
 
 @dataclass
@@ -71,21 +74,29 @@ def apply(
     details: Details,
     account: str,
     stored: dict[str, str | None],
-    fetched: Iterable[tuple[str, bytes | None]],
+    fetched: Iterable[tuple[str, Fetched]],
     run_id: int,
     now: datetime,
     checkpoint: Callable[[], None] | None = None,
 ) -> DetailsApplied:
-    """Write each fetched (key, body, or None for a 404) over what `stored` had."""
+    """Write each fetched (key, body) over what `stored` had. A None body (404: the item
+    vanished) is left for the next listing; a Failed one is rejected, like an invalid body:
+    both stay due."""
     step = checkpoint or (lambda: None)
     result = DetailsApplied(Counts())
     seen = inserted = rejected = 0
     same: list[str] = []
     changed: dict[str, tuple[str, DetailRows]] = {}
+    children = 0
     for index, (key, body) in enumerate(fetched):
         seen += 1
         if body is None:
             result.missing.append(key)
+            continue
+        if isinstance(body, Failed):
+            rejected += 1
+            if len(result.rejects) < MAX_KEPT_REJECTS:
+                result.rejects.append(Reject(index, key, body.reason))
             continue
         try:
             # Decoded as json.loads decodes bytes; the text is what is hashed.
@@ -94,18 +105,21 @@ def apply(
             if stored.get(key) == digest:
                 same.append(key)
                 continue
-            changed[key] = (digest, details.parse(json.loads(text), key))
+            rows = details.parse(json.loads(text), key)
         except (InvalidRecord, ValueError, RecursionError) as exc:
             rejected += 1
             if len(result.rejects) < MAX_KEPT_REJECTS:
                 result.rejects.append(Reject(index, key, _why(exc)))
             continue
+        changed[key] = (digest, rows)
+        children += len(rows.children)
         if stored.get(key) is None:
             inserted += 1
-        if len(changed) >= BATCH_SIZE:
+        # Bounded by keys and by child rows: a dataset may hold thousands of files.
+        if len(changed) >= BATCH_SIZE or children >= MAX_PENDING_CHILDREN:
             step()
             _write(conn, details, account, changed, run_id, now)
-            changed = {}
+            changed, children = {}, 0
     step()
     _write(conn, details, account, changed, run_id, now)
     key_column = details.listing.table.c[details.listing.key]

@@ -268,6 +268,9 @@ class _Job:
         self.log_fields = log_fields
         self.url = settings.database.url
         self.max_delete_fraction = settings.sync.max_delete_fraction
+        # Details fetched after this are left for the next run: what was fetched by then is
+        # written within the deadline (a first sync of a large account spans a few runs).
+        self.fetch_until = time.monotonic() + settings.sync.deadline_seconds * 0.75
 
     def run(self, name: str, slot: datetime | None) -> Outcome:
         """Record a run of resource `name`, do it, and record how it ended."""
@@ -426,6 +429,7 @@ class _Job:
             def show(done: int, total: int) -> None:
                 report(label, done, total)
 
+        endpoint = described.path.format("{id}")
         try:
             fetched = detail_fetch.fetch_each(
                 self.account.api,
@@ -435,10 +439,28 @@ class _Job:
                 settings.sync.details_concurrency,
                 self.stop,
                 show,
+                until=self.fetch_until,
             )
         except ApiError as exc:
-            raise _refused(described.name, described.path.format("{id}"), exc) from None
+            raise _refused(described.name, endpoint, exc) from None
+        finally:
+            if show is not None:
+                show(-1, len(stored))  # ends the progress line, whatever happened
         self.stop.check()
+        if fetched and all(
+            isinstance(body, detail_fetch.Failed) and body.status == 403 for _, body in fetched
+        ):
+            # Every item refused: the key may not use the endpoint at all.
+            raise _refused(described.name, endpoint, ApiError("refused", 403))
+        if len(fetched) < len(stored):
+            log.warning(
+                "fetched the details of %d of the %d %ss due of account %s before 3/4 of "
+                "sync.deadline_seconds had passed; the others are due at the next run",
+                len(fetched),
+                len(stored),
+                noun,
+                account,
+            )
         try:
             with write_transaction(self.engine) as conn:
                 assert self.lease is not None  # only a dry run has none, and never writes

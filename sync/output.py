@@ -175,9 +175,17 @@ class Progress:
         self.every = every
         self._started: dict[str, float] = {}
         self._drawn = 0.0
+        self._open = False  # a line drawn and not yet ended
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        """Report that `done` of `total` items of `what` are fetched."""
+        """Report that `done` of `total` items of `what` are fetched; done = -1: the fetch
+        ended (the line, if one is drawn and not finished, is ended)."""
+        if done < 0:
+            if self._open:
+                self.out.write("\n")
+                self.out.flush()
+                self._open = False
+            return
         now = time.monotonic()
         started = self._started.setdefault(what, now)
         if done < total and now - self._drawn < self.every:
@@ -190,6 +198,7 @@ class Progress:
         # \r and erase-line: one line redrawn; a newline once the fetch is done.
         self.out.write(f"\r\x1b[2K{line}" + ("\n" if done >= total else ""))
         self.out.flush()
+        self._open = done < total
 
 
 def _write_table(headers: Sequence[str], table: Sequence[Sequence[str]], out: TextIO) -> None:

@@ -650,3 +650,95 @@ def test_a_model_owned_by_one_account_and_shared_with_another(
             == 0
         )
     assert sorted(fake_api.paths()) == ["/datasets", "/datasets", "/models", "/models"]
+
+
+def test_one_failing_detail_costs_only_itself(
+    cli: Any, fake_api: FakeApi, sqlite_url: str, tmp_path: Path
+) -> None:
+    catalogue(fake_api)
+    config = tmp_path / "c.toml"
+    config.write_text("[api]\nmax_retries = 0\n")
+    fake_api.push(Reply(500, {"detail": "boom"}), path="/datasets/b")
+    fake_api.push(
+        Reply(200, "<html>login</html>", {"Content-Type": "text/html"}), path="/datasets/c"
+    )
+    result = cli("--config", str(config), "--database-url", sqlite_url, "run", env=ALL_RESOURCES)
+    assert result.code == 0, result.err
+    assert "rejected dataset details of b: the Ideogram API failed (HTTP 500" in result.err
+    assert "rejected dataset details of c:" in result.err and "instead of JSON" in result.err
+    datasets = by_key(sqlite_url, "datasets", "dataset_id")
+    assert datasets["a"]["file_count"] == 2
+    assert datasets["b"]["details_synced_at"] is None and datasets["c"]["details_synced_at"] is None
+    details_run = [r for r in runs(sqlite_url) if r["resource"] == "dataset_details"][-1]
+    assert (details_run["status"], details_run["inserted"], details_run["rejected"]) == (
+        "success",
+        1,
+        2,
+    )
+    fake_api.requests.clear()
+    assert (
+        cli("--config", str(config), "--database-url", sqlite_url, "run", env=ALL_RESOURCES).code
+        == 0
+    )
+    assert sorted(fake_api.paths("/datasets/")) == ["/datasets/b", "/datasets/c"]  # due again
+
+
+def test_details_refused_for_every_item_name_the_setting(
+    cli: Any, fake_api: FakeApi, sqlite_url: str
+) -> None:
+    catalogue(fake_api)
+    fake_api.refused["/models/"] = 403
+    result = sync(cli, sqlite_url)
+    assert result.code == 1
+    assert 'Remove "model_details" from [sync] resources' in result.err
+    assert [(r["resource"], r["status"]) for r in runs(sqlite_url)][-1] == (
+        "model_details",
+        "failed",
+    )
+
+
+def test_a_large_first_sync_of_details_spans_runs(
+    cli: Any, fake_api: FakeApi, sqlite_url: str, tmp_path: Path
+) -> None:
+    fake_api.datasets = [dataset(f"d{i:02d}") for i in range(40)]
+    fake_api.detail_delay = 0.1
+    config = tmp_path / "c.toml"
+    config.write_text("[sync]\ndeadline_seconds = 2\ndetails_concurrency = 2\n")
+    only = {"IDEOGRAM_SYNC_RESOURCES": "datasets,dataset_details"}
+    first = cli("--config", str(config), "--database-url", sqlite_url, "run", env=only)
+    assert first.code == 0, first.err
+    assert "the others are due at the next run" in first.err
+    done = sum(1 for d in rows(sqlite_url) if d["details_synced_at"] is not None)
+    assert 5 < done < 40
+    for _ in range(6):
+        if all(d["details_synced_at"] for d in rows(sqlite_url)):
+            break
+        assert cli("--config", str(config), "--database-url", sqlite_url, "run", env=only).code == 0
+    assert all(d["details_synced_at"] for d in rows(sqlite_url))
+
+
+def test_a_rejected_key_is_one_problem_not_four(
+    cli: Any, fake_api: FakeApi, sqlite_url: str
+) -> None:
+    catalogue(fake_api)
+    fake_api.rejected_keys.add("sk-bad")
+    result = cli("--database-url", sqlite_url, "run", env=ALL_RESOURCES, key="sk-bad")
+    assert result.code == 3
+    assert "Remove" not in result.err and "rejected its key" in result.err
+    assert [(r["resource"], r["status"]) for r in runs(sqlite_url)] == [("datasets", "failed")]
+
+
+def test_reading_commands_on_an_older_database_say_to_migrate(
+    cli: Any, fake_api: FakeApi, sqlite_url: str
+) -> None:
+    from sync.db import make_engine, migrate
+
+    engine = make_engine(sqlite_url)
+    try:
+        migrate(engine, target="0010")
+    finally:
+        engine.dispose()
+    for command in (["status"], ["status", "--max-age", "1h"], ["datasets"], ["models"]):
+        result = cli("--database-url", sqlite_url, *command)
+        assert result.code == 2, (command, result.err)
+        assert "ideogram-sync migrate" in result.err and "Traceback" not in result.err
