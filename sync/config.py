@@ -501,6 +501,12 @@ def load_settings(
         api["base_url"] = env[ENV_BASE_URL]
     if env.get(ENV_RESOURCES):
         sync_opts["resources"] = [n.strip() for n in env[ENV_RESOURCES].split(",") if n.strip()]
+        unknown = [name for name in sync_opts["resources"] if name not in RESOURCES]
+        if unknown:  # named here: the file did not say it
+            raise ConfigError(
+                f"{ENV_RESOURCES}: unknown {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(RESOURCES)})"
+            )
     if database_url:
         db["url"] = database_url
 
