@@ -326,7 +326,7 @@ def test_postgresql_schema_holds_everything(cli, fake_api: FakeApi, tmp_path: Pa
             assert inspector.get_view_names(schema="public") == []
             assert set(inspector.get_table_names(schema="ideogram")) == {
                 "alembic_version", "datasets", "sync_runs", "dataset_history", "sync_locks",
-                "dataset_files", "models", "model_history", "model_training_runs",
+                "dataset_files", "models", "model_history", "model_training_runs", "sync_notices",
             }  # fmt: skip
             assert set(inspector.get_view_names(schema="ideogram")) == {
                 "datasets_current", "sync_runs_latest", "sync_daily", "models_current",
