@@ -161,7 +161,10 @@ def write_previews(items: Sequence[ResourcePreview], fmt: str, out: TextIO) -> N
                 if keys:
                     out.write(f"  {label}: {', '.join(keys)}\n")
         elif item.due is not None:
-            out.write(f"{head} would ask for the details of {item.due} row(s) due now\n")
+            out.write(
+                f"{head} would ask for the details of the {item.due} row(s) due now, and of "
+                "those its listing inserts, updates or restores\n"
+            )
         if item.error is not None:
             out.write(f"  a run would fail (exit {item.error.exit_code}): {item.error}\n")
 

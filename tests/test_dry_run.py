@@ -143,11 +143,11 @@ def test_details_and_models_are_previewed(cli: Any, fake_api: FakeApi, sqlite_ur
     assert result.code == 0, result.err
     assert result.out.splitlines() == [
         "account default, datasets: would insert 0, update 0, restore 0, soft-delete 0, reject 0 (2 unchanged, 2 listed)",
-        "account default, dataset_details: would ask for the details of 2 row(s) due now",
+        "account default, dataset_details: would ask for the details of the 2 row(s) due now, and of those its listing inserts, updates or restores",
         "account default, models: would insert 0, update 1, restore 0, soft-delete 1, reject 0 (0 unchanged, 1 listed)",
         "  update: m1",
         "  soft-delete: m2",
-        "account default, model_details: would ask for the details of 1 row(s) due now",
+        "account default, model_details: would ask for the details of the 1 row(s) due now, and of those its listing inserts, updates or restores",
     ]
     # The listings only: a dry run asks for no details.
     assert fake_api.paths() == ["/datasets", "/models"]
