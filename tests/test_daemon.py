@@ -192,7 +192,13 @@ def test_every_accounts_series_starts_at_0_before_any_run(
         '[[accounts]]\nname = "two"\napi_key_env = "KEY_TWO"\n'
     )
     proc = daemon(fake_api, sqlite_db, tmp_path, config, env=ALL_RESOURCES)
-    status, text = until(lambda: get(f"http://127.0.0.1:{port}/metrics"), proc=proc)
+
+    def ours() -> tuple[int, str] | None:
+        # Our daemon's answer, not another test's server that took the same free port first.
+        answer = get(f"http://127.0.0.1:{port}/metrics")
+        return answer if 'account="one"' in answer[1] else None
+
+    status, text = until(ours, proc=proc)
     code, err = stop(proc)
     assert code == 0, err
     assert status == 200
