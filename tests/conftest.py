@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,6 +149,25 @@ def cli(
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+def free_port() -> int:
+    """A port for a server a test starts, free now, below the kernel's ephemeral range.
+
+    A port taken with bind(0) is an ephemeral one, which the kernel may hand out again at
+    once to another test's bind(0) or to a client socket before our server gets to bind it:
+    a test then talked to another test's server. Ports from 20000 to 32767 are never handed
+    out that way.
+    """
+    for _ in range(100):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port between 20000 and 32767")
 
 
 def subprocess_env(fake_api: FakeApi, db_url: str, **extra: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,16 +23,10 @@ import pytest
 
 from sync.config import RESOURCES, ScheduleSettings
 from sync.schedule import Schedule
-from tests.conftest import ALL_RESOURCES, database_url_for, rows, subprocess_env
+from tests.conftest import ALL_RESOURCES, database_url_for, free_port, rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset, model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def daemon(

@@ -46,7 +46,7 @@ from sync.cli import build_parser
 from sync.config import RESOURCES, Settings, load_settings, parse_duration
 from sync.daemon import ABORT_WAIT_SECONDS
 from sync.metrics import Metrics
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, free_port
 from tests.fakeapi import FakeApi, dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,12 +208,6 @@ def tool_args(command: str) -> list[str]:
             break
         args.append(token)
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:
