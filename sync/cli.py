@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sync import __version__
-from sync.config import parse_duration
+from sync.config import parse_duration, resource_suffix
 from sync.errors import (
     EXIT_AUTH,
     EXIT_FAILED,
@@ -574,7 +574,7 @@ def stale_accounts(
     # Only configured ones: an account removed from the config must not fail the check forever.
     problems = []
     for account, resource in sorted(expected):
-        label = f"account {account}" + ("" if resource == "datasets" else f" ({resource})")
+        label = f"account {account}{resource_suffix(resource)}"
         success = last_success.get((account, resource))
         status = newest_status.get((account, resource))
         if status not in (None, "success", "running"):

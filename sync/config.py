@@ -26,6 +26,15 @@ ENV_RESOURCES = "IDEOGRAM_SYNC_RESOURCES"
 INVALID_RECORD_POLICIES = ("skip", "fail")
 # What a run of an account syncs, in this order: each a run of its own (sync_runs.resource).
 RESOURCES = ("datasets", "dataset_details", "models", "model_details")
+
+
+def resource_suffix(resource: str) -> str:
+    """What follows an account's name in messages about a resource's run: nothing for the
+    datasets (whose lines keep the words they always had, for log searches and alerts),
+    " (models)" for the others."""
+    return "" if resource == "datasets" else f" ({resource})"
+
+
 # An unquoted PostgreSQL identifier: safe to put in search_path and CREATE SCHEMA.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync import interrupt, notify
-from sync.config import Settings
+from sync.config import Settings, resource_suffix
 from sync.db import open_engine, reading
 from sync.errors import EXIT_FAILED, EXIT_OK, Cancelled, SyncError
 from sync.job import prepare_database, sync_accounts
@@ -285,7 +285,7 @@ class Daemon:
         stale = []
         for account in self.settings.accounts:
             for resource in self.settings.sync.resources:
-                label = account.name + ("" if resource == "datasets" else f" ({resource})")
+                label = account.name + resource_suffix(resource)
                 success = successes.get((account.name, resource))
                 if success is None:
                     stale.append(f"{label}: no successful sync yet")

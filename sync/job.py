@@ -27,7 +27,7 @@ from sync import (
     runs,
     store,
 )
-from sync.config import Account, DatabaseSettings, Settings
+from sync.config import Account, DatabaseSettings, Settings, resource_suffix
 from sync.db import (
     SCHEMA_HEAD,
     current_revision,
@@ -289,7 +289,7 @@ class _Job:
         # the commit, can still leave the row `running`; the next run marks it abandoned).
         progress = _Progress()
         try:
-            log.info("run %d started for account %s%s", run_id, account, _about(name))
+            log.info("run %d started for account %s%s", run_id, account, resource_suffix(name))
             self._abandon_orphans(run_id)
             self.stop.check()
             if name in LISTINGS:
@@ -547,18 +547,13 @@ def _refused(name: str, path: str, exc: ApiError) -> ApiError:
     )
 
 
-def _about(name: str) -> str:
-    # The datasets' lines keep the words they always had (log searches and alerts use them).
-    return "" if name == "datasets" else f" ({name})"
-
-
 def _failed(account: str, name: str, error: SyncError, run_id: int | None = None) -> Outcome:
     # Another run holding the lock is routine (cron overlap, replicas), not an error.
     log.log(
         logging.WARNING if isinstance(error, LockHeld) else logging.ERROR,
         "run failed for account %s%s: %s",
         account,
-        _about(name),
+        resource_suffix(name),
         error,
         extra={"account": account, "resource": name, "error": str(error), "event": "run_failed"},
     )
@@ -572,7 +567,7 @@ def _log_success(run_id: int, account: str, name: str, counts: Counts, duration:
         "unchanged=%d deleted=%d rejected=%d",
         run_id,
         account,
-        _about(name),
+        resource_suffix(name),
         duration,
         counts.seen,
         counts.inserted,
