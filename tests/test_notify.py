@@ -205,13 +205,15 @@ def test_daemon_replicas_send_each_notice_once(
 ) -> None:
     """Two daemons share a database and a failing API: one notice per failed run, one
     recovery, one stale notice, whichever replica ran or saw it."""
-    from tests.test_daemon import daemon, stop, until
+    from tests.test_daemon import daemon, stop, successes, until
 
     fake_api.datasets = [dataset("a")]
     conf = '[schedule]\ninterval = "2s"\n\n[api]\nmax_retries = 0\n\n[notify]\nstale_after = "3s"\n'
     hook = {"IDEOGRAM_SYNC_WEBHOOK_URL": webhook.url}
     first = daemon(fake_api, sqlite_url, tmp_path, conf, name="one", env=hook)
-    until(lambda: rows(sqlite_url, "sync_runs"), proc=first)
+    # A success, not just a row: the first run's `running` row is committed before it
+    # fetches, and an API broken before that fetch would leave nothing to go stale.
+    until(lambda: successes(sqlite_url), proc=first)
     fake_api.refused["/datasets"] = 500  # every run fails from now on
     second = daemon(fake_api, sqlite_url, tmp_path, conf, name="two", env=hook)
     try:
