@@ -185,10 +185,12 @@ class Daemon:
 
     def tick(self) -> None:
         """One scheduled slot: every account, each under its own lock; never raises."""
-        if self.stopping.is_set():
-            return
+        # Busy before looking at `stopping`: a signal in between then finds the slot busy and
+        # waits for it, instead of disposing of the engine under a run that starts anyway.
         self.idle.clear()
         try:
+            if self.stopping.is_set():
+                return
             slot = self.schedule.slot_for(datetime.now(UTC))
             jitter = self.settings.schedule.jitter_seconds
             if jitter and self.stopping.wait(random.uniform(0, jitter)):  # noqa: S311

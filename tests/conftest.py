@@ -170,6 +170,20 @@ def free_port() -> int:
     raise RuntimeError("no free port between 20000 and 32767")
 
 
+def handles_signal(pid: int, signum: int) -> bool:
+    """Whether process `pid` has installed a handler for `signum` (Linux's /proc).
+
+    A signal sent before the handler is there kills the process instead of stopping it
+    cleanly: tests wait for this rather than sleeping "long enough".
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+
+
 def subprocess_env(fake_api: FakeApi, db_url: str, **extra: str) -> dict[str, str]:
     """Environment for a real `python -m sync` process against the fake API and `db_url`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEOGRAM_")}

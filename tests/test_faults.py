@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from sync.db import make_engine, migrate
-from tests.conftest import database_url_for, rows, subprocess_env
+from tests.conftest import database_url_for, handles_signal, rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset, synthetic
 from tests.tcpproxy import FreezingProxy
 from tests.test_reliability import data, runs, start, wait_for
@@ -289,7 +289,11 @@ def test_sigterm_while_the_run_waits_for_a_lock(
     before = data(synced)
     with _held_lock(synced):
         proc = start(["run"], subprocess_env(fake_api, synced), tmp_path)
-        time.sleep(3)  # long enough to be waiting for the lock (lock_timeout: 60 s)
+        deadline = time.monotonic() + 60
+        while not handles_signal(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1)  # on to the lock it waits for (lock_timeout: 60 s); none is observable
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc, 10)

@@ -387,10 +387,12 @@ def test_the_daemon_serves_the_page_after_a_success_and_a_failure(
     proc = daemon(fake_api, sqlite_db, tmp_path, _daemon_config(port))
     try:
         until(lambda: successes(sqlite_db), proc=proc)
-        status, page = until(lambda: (answer := get(base)) and "success" in answer[1] and answer)
+        # The newest datasets run may be running (a 1 s interval): wait for a page that shows
+        # a finished success, not just the word in the history.
+        good = '<tr data-resource="datasets"><td>datasets</td><td class="status good">'
+        status, page = until(lambda: (answer := get(base)) and good in answer[1] and answer)
         assert status == 200
         assert "<title>ideogram-sync: OK</title>" in page
-        assert '<tr data-resource="datasets"><td>datasets</td><td class="status good">' in page
         assert "Next slot" in page and "every 1s" in page
         first = Tags(page)
         assert "script" not in first.tags
@@ -467,11 +469,18 @@ def test_chromium_shows_the_page_after_a_success_and_after_a_failure(
         browser = webdriver.Chrome(service=service, options=options)
         browser.set_page_load_timeout(30)
 
+        def status_of(resource: str) -> str:
+            row = browser.find_element(By.CSS_SELECTOR, f'tr[data-resource="{resource}"]')
+            return str(row.find_element(By.CSS_SELECTOR, "td.status").text)
+
         def datasets_row(status: str) -> Any:
+            """The datasets row once it shows `status` and the models run of the same slot
+            has finished too (it starts as the datasets run ends)."""
             browser.get(base)
             row = browser.find_element(By.CSS_SELECTOR, 'tr[data-resource="datasets"]')
-            cell = row.find_element(By.CSS_SELECTOR, "td.status")
-            return row if cell.text == status else None
+            history = browser.find_element(By.CSS_SELECTOR, "table.history").text
+            wanted = status_of("datasets") == status and status_of("models") == "success"
+            return row if wanted and "models success" in history else None
 
         def shoot(name: str, stable: Path) -> None:
             path = tmp_path / name
@@ -509,8 +518,7 @@ def test_chromium_shows_the_page_after_a_success_and_after_a_failure(
         assert cells[10].endswith(" ago)")
         assert browser.title == "ideogram-sync: FAILING"
         assert browser.find_element(By.ID, "overall").text == "FAILING"
-        models_row = browser.find_element(By.CSS_SELECTOR, 'tr[data-resource="models"]')
-        assert models_row.find_element(By.CSS_SELECTOR, "td.status").text == "success"
+        assert status_of("models") == "success"
         history = browser.find_element(By.CSS_SELECTOR, "table.history").text
         assert "datasets failed" in history
         shoot("status-failure.png", SCREENSHOT)
