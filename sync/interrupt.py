@@ -61,6 +61,8 @@ class Scope:
     def __init__(self, label: str) -> None:
         self.label = label
         self.stopped = threading.Event()
+        # Set once a stop has done its cancelling: see settle().
+        self.settled = threading.Event()
         self._lock = threading.Lock()
         # One key per checkout: a connection checked in and out again is a new one here.
         self._held: dict[object, tuple[Any, Engine]] = {}
@@ -80,6 +82,12 @@ class Scope:
 
     def stop(self) -> None:
         """Cancel what the run's connections execute; cut those it does not let go of."""
+        try:
+            self._stop()
+        finally:
+            self.settled.set()
+
+    def _stop(self) -> None:
         self.stopped.set()
         # Every held connection: a cancel reaches only a statement in flight, and the
         # driver-level ones (COPY, server-side cursors) are not seen by engine events.
@@ -132,6 +140,18 @@ def stopping() -> bool:
     """True in a run (this thread's Scope) that is being stopped: a wait should end now."""
     current = _current.get()
     return current is not None and current.stopped.is_set()
+
+
+def settle(seconds: float = 2 * CUT_AFTER_SECONDS) -> None:
+    """Wait (at most `seconds`) until the stop of this thread's run has done its cancelling.
+
+    A run that ends because it is stopped calls this before recording how it ended. The stop
+    runs in another thread, which on a loaded machine may start late, and would then cancel
+    that record (the run row would stay `running`) instead of the work it was meant for.
+    """
+    current = _current.get()
+    if current is not None:
+        current.settled.wait(seconds)
 
 
 def stop_everything() -> None:

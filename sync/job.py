@@ -298,6 +298,8 @@ class _Job:
                 counts = self._details(DETAILS[name], run_id, progress)
         except BaseException as exc:
             failure = self.stop.explain(exc)
+            if self.stop.is_set() or interrupt.stopping() or _signalled(exc):
+                interrupt.settle()  # or the stop's cancel could land on the record below
             _record_failure(self.engine, self.url, run_id, failure, progress.applied, self.clock)
             if isinstance(failure, SyncError):
                 return _failed(account, name, failure, run_id)
@@ -688,6 +690,11 @@ def _report(noun: str, applied: store.Applied, policy: str) -> None:
             f"{first.dataset_id or f'record #{first.index}'}: {first.reason}) and "
             'sync.on_invalid_record = "fail"; nothing was changed'
         )
+
+
+def _signalled(exc: BaseException) -> bool:
+    """Whether `exc` is a signal's (SIGTERM, Ctrl-C), whose handler also stops the run."""
+    return isinstance(exc, Terminated | KeyboardInterrupt)
 
 
 def _record_failure(

@@ -3,6 +3,9 @@
 Usage: python -m tests.pausehook ARGS...  (the CLI's own arguments). When the first write to
 `datasets` is about to run it creates $PAUSE_MARKER, then waits until $PAUSE_RESUME exists
 (or 120 s pass): long enough for a test to send a signal or drop the connection.
+
+With $STOP_DELAY (seconds), a stop (SIGTERM's, a deadline's) starts cancelling the run's
+statements that much later, as its thread can on a loaded machine.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ def _pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
 
 
 event.listen(sa.Engine, "before_cursor_execute", _pause)
+
+if os.environ.get("STOP_DELAY"):
+    from sync import interrupt
+
+    _stop_now = interrupt.Scope.stop
+
+    def _stop_late(self: interrupt.Scope) -> None:
+        time.sleep(float(os.environ["STOP_DELAY"]))
+        _stop_now(self)
+
+    interrupt.Scope.stop = _stop_late  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     from sync.cli import main

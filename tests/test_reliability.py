@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from sync.db import make_engine, migrate, write_transaction
-from sync.models import sync_locks
+from sync.models import sync_locks, sync_runs
 from tests.conftest import database_url_for, rows, subprocess_env
 from tests.fakeapi import FakeApi, Reply, dataset, synthetic
 
@@ -240,6 +240,39 @@ def test_signal_in_the_write_transaction(
     last = runs(synced)[-1]
     assert last["status"] == "failed" and last["error"].startswith("interrupted")
     assert rows(synced, "sync_locks") == []
+
+
+def test_a_late_stop_does_not_cancel_the_record_of_the_failure(
+    fake_api: FakeApi, server_synced: str, tmp_path: Path
+) -> None:
+    """SIGTERM cancels the run's statements from another thread. When that thread starts late
+    (a loaded machine), it must not cancel the statement that records the run as failed
+    (seen in a local run of the suite: the row stayed `running`)."""
+    url = server_synced
+    marker = tmp_path / "paused"
+    env = env_for(fake_api, url, PAUSE_MARKER=str(marker), STOP_DELAY="1")
+    proc = start(["run"], env, tmp_path, hook=True)
+    wait_for(marker, proc)
+    run_id = runs(url)[-1]["id"]
+    engine = make_engine(url)
+    try:
+        # The record of the failure waits for this row lock, so it is still under way when
+        # the late stop looks for statements to cancel.
+        with engine.begin() as conn:
+            conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id).with_for_update())
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(2)
+    finally:
+        engine.dispose()
+    assert proc.wait(15) == 143
+    _, err = proc.communicate()
+    assert "could not record" not in err, err
+    last = runs(url)[-1]
+    assert (last["id"], last["status"], last["error"]) == (
+        run_id,
+        "failed",
+        "interrupted (SIGTERM)",
+    )
 
 
 def test_sigterm_while_waiting_for_the_api(fake_api: FakeApi, synced: str, tmp_path: Path) -> None:
