@@ -28,7 +28,11 @@ def _pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
     if _paused or not text.startswith(("INSERT INTO DATASETS", "UPDATE DATASETS")):
         return
     _paused = True
-    Path(os.environ["PAUSE_MARKER"]).write_text(str(os.getpid()))
+    # Written aside, then renamed: a test reads the pid as soon as the marker exists.
+    marker = Path(os.environ["PAUSE_MARKER"])
+    written = marker.with_name(marker.name + ".tmp")
+    written.write_text(str(os.getpid()))
+    written.replace(marker)
     resume = Path(os.environ.get("PAUSE_RESUME", "/nonexistent"))
     deadline = time.monotonic() + 120
     while not resume.exists() and time.monotonic() < deadline:
